@@ -1,0 +1,153 @@
+"""
+Small pieces shared by train.py, sample.py and bench.py: the configuration loader, device and
+dtype selection, and the peak FLOP/s measurement behind MFU. Errors a user can cause stop the
+program with a one-line message (SystemExit), never a traceback.
+"""
+
+import ast
+import difflib
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+
+
+def die(message):
+    raise SystemExit(f"error: {message}")
+
+
+# -----------------------------------------------------------------------------
+# configuration: python train.py config/x.py --key=value ...
+
+def load_config(defaults, argv):
+    """Apply config files (run as Python) and --key=value overrides, in order, to a copy of defaults.
+
+    Every key must exist in defaults and keep its type (an int is fine for a float; a default of
+    None takes any value). Values are Python literals, except for str keys where they are taken as
+    written: --out_dir=out-x, --start="a=b".
+    """
+    config = dict(defaults)
+    for arg in argv:
+        if arg.startswith('--'):
+            key, eq, raw = arg[2:].partition('=')
+            if not eq:
+                die(f"'{arg}' has no value: write --{key}=VALUE")
+            _set(config, defaults, key, _parse_value(raw, defaults.get(key)), arg)
+        else:
+            for key, value in _run_config_file(arg).items():
+                _set(config, defaults, key, value, arg)
+    return config
+
+
+def _parse_value(raw, default):
+    if isinstance(default, str):
+        return raw
+    if isinstance(default, bool) and raw.lower() in ('true', 'false'):
+        return raw.lower() == 'true'
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw  # left as a string: the type check below says what was expected
+
+
+def _run_config_file(path):
+    if not os.path.isfile(path):
+        die(f"config file {path} not found (config files are Python, e.g. config/train_shakespeare_char.py;"
+            " overrides are written --key=value)")
+    namespace = {}
+    try:
+        with open(path) as f:
+            exec(compile(f.read(), path, 'exec'), namespace)
+    except Exception as e:  # the file is the user's Python: any error in it is theirs to fix
+        line = getattr(e, 'lineno', None) or (e.__traceback__.tb_next.tb_lineno if e.__traceback__.tb_next else '?')
+        die(f"config file {path} failed at line {line}: {type(e).__name__}: {e}")
+    # keep plain values: skip modules, functions and private names the file used along the way
+    return {k: v for k, v in namespace.items()
+            if not k.startswith('_') and not callable(v) and type(v).__name__ != 'module'}
+
+
+def _set(config, defaults, key, value, source):
+    if key not in defaults:
+        close = difflib.get_close_matches(key, defaults.keys(), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        die(f"unknown config key '{key}' (from {source}){hint}")
+    default = defaults[key]
+    if isinstance(default, float) and type(value) is int:
+        value = float(value)
+    if default is not None and type(value) is not type(default):
+        die(f"config key '{key}' expects {type(default).__name__} (like {default!r}), "
+            f"got {type(value).__name__} {value!r} (from {source})")
+    config[key] = value
+
+
+# -----------------------------------------------------------------------------
+# device and dtype
+
+def pick_device(device):
+    """'auto' -> cuda, then mps, then cpu. A device that isn't there is an error, not a fallback."""
+    if device == 'auto':
+        if torch.cuda.is_available():
+            return 'cuda'
+        if torch.backends.mps.is_available():
+            return 'mps'
+        return 'cpu'
+    device_type = device.split(':')[0]
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        die(f"device '{device}' asked for, but this PyTorch sees no CUDA GPU: use --device=cpu (or auto)")
+    if device_type == 'mps' and not torch.backends.mps.is_available():
+        die(f"device '{device}' asked for, but MPS is not available here: use --device=cpu (or auto)")
+    if device_type not in ('cpu', 'cuda', 'mps'):
+        die(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def pick_dtype(dtype, device_type):
+    """'auto' -> bfloat16 where the hardware does it natively, else float32. float16 only when asked."""
+    if dtype == 'auto':
+        if device_type == 'cuda':
+            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float32'
+        if device_type == 'cpu':
+            return 'bfloat16' if cpu_has_native_bf16() else 'float32'
+        return 'float32'  # mps: bfloat16 needs macOS 14+; ask for it with --dtype=bfloat16
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        die(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    return dtype
+
+
+def cpu_has_native_bf16():
+    # oneDNN's check for bf16 instructions (AVX512-BF16 or AMX); without them bf16 is emulated and slow
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_context(device_type, dtype):
+    """Mixed precision for training and evaluation: float32 weights, matmuls in dtype."""
+    if dtype == 'float32':
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+def measure_peak_flops(device, dtype, size=2048, seconds=0.3):
+    """FLOP/s of a large square matmul in dtype on device: the peak that MFU is measured against."""
+    a = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
+    a @ b  # warm up
+    synchronize(device)
+    n, t0 = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    synchronize(device)
+    return 2 * size ** 3 * n / (time.perf_counter() - t0)
+
+
+def synchronize(device):
+    """Wait for queued GPU work, so that a timer measures it (a no-op on CPU)."""
+    device_type = str(device).split(':')[0]
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    elif device_type == 'mps':
+        torch.mps.synchronize()

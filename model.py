@@ -1,0 +1,272 @@
+"""
+The GPT-2 language model, in one file you can read top to bottom.
+
+Architecture and parameter names are GPT-2's, as in nanoGPT, so nanoGPT checkpoints load
+unchanged. What differs from nanoGPT's model.py:
+- generate() keeps a preallocated KV cache, so each new token costs one position of compute
+  instead of a forward pass over the whole context;
+- sampling takes top_k (exactly k tokens kept), top_p, and temperature 0 for greedy decoding;
+- weight decay skips embeddings as well as biases and norms;
+- estimate_mfu() takes the peak FLOP/s of your hardware instead of assuming an A100;
+- load_checkpoint() is the one place that turns a checkpoint file into a model.
+"""
+
+import inspect
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, allocated once per generate()."""
+
+    def __init__(self, n_layer, max_len):
+        self.max_len = max_len
+        self.k = [None] * n_layer  # per layer: (B, nh, max_len, hs), allocated at first use
+        self.v = [None] * n_layer
+        self.pos = 0  # how many positions the cache holds
+
+    def update(self, layer, k, v):
+        """Store k, v (B, nh, T, hs) at the next positions; return every position cached so far."""
+        if self.k[layer] is None:
+            B, nh, _, hs = k.shape
+            self.k[layer] = k.new_zeros(B, nh, self.max_len, hs)
+            self.v[layer] = v.new_zeros(B, nh, self.max_len, hs)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.size()  # batch, sequence length, n_embd
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        is_causal, mask = True, None
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(layer, k, v)  # (B, nh, start + T, hs)
+            if start > 0:  # the new queries see all cached positions, and their own causally
+                is_causal = False
+                if T > 1:
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)  # pre-norm residual blocks
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms, as GPT-2; False is a bit better and faster
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings, as GPT-2
+
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of the projections into the residual stream by 1/sqrt(number of them)
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; by default without the position embeddings (the token ones are the head)."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def forward(self, idx, targets=None, cache=None):
+        B, T = idx.size()
+        start = cache.pos if cache is not None else 0
+        assert start + T <= self.config.block_size, \
+            f"cannot forward {start + T} positions, block_size is {self.config.block_size}"
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.pos += T
+
+        if targets is not None:
+            logits = self.lm_head(x)  # (B, T, vocab_size)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # (B, 1, vocab_size): only the last position is needed
+            loss = None
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shrink the context length, e.g. to fine-tune GPT-2 (1024) on shorter blocks."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # decay the weight matrices only: not embeddings (the head is tied to wte), biases or norms
+        embeddings = {'transformer.wte.weight', 'transformer.wpe.weight'}
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        decay = [p for n, p in params if p.dim() >= 2 and n not in embeddings]
+        no_decay = [p for n, p in params if p.dim() < 2 or n in embeddings]
+        groups = [{'params': decay, 'weight_decay': weight_decay},
+                  {'params': no_decay, 'weight_decay': 0.0}]
+        # the fused kernel does the whole update in one pass over the parameters
+        fused = device_type in ('cuda', 'cpu') and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops, seq_len=None):
+        """Model FLOPs utilization: achieved FLOP/s over peak_flops (PaLM paper, appendix B)."""
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, seq_len or cfg.block_size
+        flops_per_token = 6 * self.get_num_params() + 12 * L * H * Q * T
+        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
+        return flops_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+        """Yield the next tokens (B, 1), one step at a time, continuing the prompts idx (B, T).
+
+        The context is the last block_size tokens, as in nanoGPT. While it fits, the KV cache makes
+        each step one position of compute. Past block_size every position moves (positions are
+        learned, absolute), so cached keys no longer apply and each step re-reads the whole window.
+        use_cache=False always re-reads the whole context: the plain reference the cache must match.
+        """
+        block_size = self.config.block_size
+        B, T = idx.size()
+        tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
+        tokens[:, :T] = idx
+        cache = KVCache(self.config.n_layer, block_size) if use_cache else None
+        context = idx[:, -block_size:]  # the prompt goes in one forward pass
+        for n in range(T, T + max_new_tokens):
+            logits, _ = self(context, cache=cache)
+            next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p)  # (B, 1)
+            tokens[:, n] = next_token[:, 0]
+            yield next_token
+            if cache is not None and cache.pos < block_size:
+                context = next_token
+            else:
+                context, cache = tokens[:, max(0, n + 1 - block_size):n + 1], None
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+        """Return idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache))
+        return torch.cat([idx] + new, dim=1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """Pick one token per row of logits (B, vocab_size) -> (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # greedy
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        values, indices = torch.topk(logits, top_k)  # exactly k kept, even when values tie
+        logits = torch.full_like(logits, -float('inf')).scatter_(-1, indices, values)
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # drop a token when the ones more likely than it already reach top_p (the top one always stays)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, num_samples=1)
+
+
+def load_checkpoint(path, device='cpu'):
+    """Load a checkpoint written by train.py, here or in nanoGPT -> (model, checkpoint dict).
+
+    Only tensors and plain Python values are unpickled (weights_only=True), so a checkpoint from
+    someone else cannot run code. Errors a user can cause stop with a one-line message.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, 'ckpt.pt')
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint at {path}: train one first (python train.py ...) "
+                         "or point --out_dir at a directory holding ckpt.pt")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}); it may be "
+                         "truncated or not a checkpoint at all: use another one or retrain")
+    if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'model_args' not in checkpoint:
+        raise SystemExit(f"error: {path} has no 'model' and 'model_args': not a checkpoint of train.py")
+    known = {f.name for f in fields(GPTConfig)}
+    config = GPTConfig(**{k: v for k, v in checkpoint['model_args'].items() if k in known})
+    model = GPT(config)
+    state_dict = {}
+    for key, value in checkpoint['model'].items():
+        key = key.removeprefix('_orig_mod.')  # nanoGPT saved torch.compile'd models under this prefix
+        if not key.endswith('.attn.bias'):  # nanoGPT's causal-mask buffer on PyTorch < 2.0: not a weight
+            state_dict[key] = value
+    model.load_state_dict(state_dict)
+    return model.to(device), checkpoint

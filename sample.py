@@ -1,0 +1,100 @@
+"""
+Sample from a trained model.
+
+    python sample.py --out_dir=out-shakespeare-char
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=1 --max_new_tokens=300
+    python sample.py --out_dir=out --start=FILE:prompt.txt --temperature=0    # greedy, from a file
+
+With num_samples=1 the text is printed as it is generated; several samples are generated together,
+as one batch, and printed when done.
+"""
+
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from common import die, load_config, pick_device, pick_dtype
+from model import load_checkpoint
+from prepare import get_tokenizer, load_meta
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume': the model in out_dir/ckpt.pt
+out_dir = 'out'
+start = '\n'  # the prompt: text, or FILE:path to read it from a file
+num_samples = 10
+max_new_tokens = 500  # tokens generated per sample
+temperature = 0.8  # 1.0 samples the model's distribution, < 1.0 is more conservative, 0 is greedy
+top_k = 200  # sample among the k likeliest tokens only (0: all of them)
+top_p = 1.0  # sample among the likeliest tokens that make up this much probability (1.0: all of them)
+seed = 1337
+device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # the weights' dtype: 'auto' (bfloat16 where the hardware has it, else float32), ...
+compile = False  # torch.compile the model's forward pass (pays off for long generations)
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items()
+            if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+
+
+def load_model_and_tokenizer(cfg, device):
+    """The checkpoint's model, and the tokenizer of the data it was trained on."""
+    if cfg.init_from != 'resume':
+        die(f"init_from must be 'resume' (the model in --out_dir), got '{cfg.init_from}'")
+    model, checkpoint = load_checkpoint(cfg.out_dir, device)
+    # our checkpoints carry their dataset's meta; nanoGPT's name the dataset whose meta.json to read
+    meta = checkpoint.get('meta') or load_meta(f"data/{checkpoint.get('config', {}).get('dataset', '')}")
+    if meta['tokenizer'] == 'gpt2' and model.config.vocab_size < meta['vocab_size']:
+        die(f"the checkpoint has no tokenizer and its vocabulary ({model.config.vocab_size}) is too small for "
+            f"GPT-2's: prepare its dataset (python prepare.py ...) so that data/<dataset>/meta.json exists")
+    encode, decode = get_tokenizer(meta)
+    return model, encode, decode
+
+
+def main(argv):
+    cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
+    if cfg.num_samples <= 0 or cfg.max_new_tokens <= 0:
+        die("num_samples and max_new_tokens must be positive")
+    if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
+        die("temperature and top_k must be >= 0, and top_p in (0, 1]")
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device.split(':')[0])
+    torch.manual_seed(cfg.seed)
+
+    model, encode, decode = load_model_and_tokenizer(cfg, device)
+    # inference needs no float32 master weights: weights in dtype halve the memory read per token
+    model.eval().to(getattr(torch, dtype))
+    if cfg.compile:
+        model.forward = torch.compile(model.forward, dynamic=True)
+
+    prompt = cfg.start
+    if prompt.startswith('FILE:'):
+        try:
+            with open(prompt[5:], encoding='utf-8') as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            die(f"could not read the prompt file {prompt[5:]}: {e}")
+    ids = encode(prompt)
+    if not ids:
+        die("the prompt is empty: give --start=TEXT (the default is a newline)")
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, :].repeat(cfg.num_samples, 1)  # (B, T)
+    stream = model.generate_stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p)
+
+    if cfg.num_samples == 1:
+        new_ids, printed = [], ''
+        print(prompt, end='', flush=True)
+        for token in stream:
+            new_ids.append(token.item())
+            text = decode(new_ids)
+            if not text.endswith('\ufffd'):  # wait for the rest of a character split across tokens
+                print(text[len(printed):], end='', flush=True)
+                printed = text
+        print(decode(new_ids)[len(printed):])
+    else:
+        out = torch.cat(list(stream), dim=1)  # (B, max_new_tokens)
+        for sample in out.tolist():
+            print(prompt + decode(sample))
+            print('---------------')
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,65 @@
+import pytest
+
+import train
+from common import load_config
+
+DEFAULTS = {'learning_rate': 6e-4, 'max_iters': 100, 'compile': None, 'bias': False, 'out_dir': 'out', 'start': '\n'}
+
+
+def test_files_then_overrides_in_order(tmp_path):
+    config_file = tmp_path / 'c.py'
+    config_file.write_text("import math\nmax_iters = 200\nlearning_rate = 1e-3 * math.sqrt(4)\n_scratch = 5\n")
+    config = load_config(DEFAULTS, [str(config_file), '--max_iters=300', '--out_dir=out-x'])
+    assert config == {**DEFAULTS, 'max_iters': 300, 'learning_rate': 2e-3, 'out_dir': 'out-x'}
+
+
+def test_values_are_python_literals_widened_and_strings_taken_as_written():
+    config = load_config(DEFAULTS, ['--learning_rate=1', '--bias=True', '--compile=false', '--start=a=b 1'])
+    assert config['learning_rate'] == 1.0 and type(config['learning_rate']) is float
+    assert config['bias'] is True
+    assert config['start'] == 'a=b 1'  # a value may contain '='
+    assert load_config(DEFAULTS, ['--compile=True'])['compile'] is True  # None default: any value
+    assert load_config(DEFAULTS, ['--bias=false'])['bias'] is False
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--learnig_rate=1'], "unknown config key 'learnig_rate'.*did you mean 'learning_rate'"),
+    (['--max_iters=1.5'], "'max_iters' expects int"),
+    (['--bias=yes'], "'bias' expects bool"),
+    (['--max_iters'], "has no value"),
+    (['config/does_not_exist.py'], "config file config/does_not_exist.py not found"),
+])
+def test_bad_config_is_a_one_line_error(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        load_config(DEFAULTS, argv)
+
+
+def test_config_file_errors_name_the_file_and_line(tmp_path):
+    broken = tmp_path / 'broken.py'
+    broken.write_text("max_iters = 10\nlearning_rate = = 3\n")
+    with pytest.raises(SystemExit, match=r"broken.py failed at line 2: SyntaxError"):
+        load_config(DEFAULTS, [str(broken)])
+    typo = tmp_path / 'typo.py'
+    typo.write_text("max_iters = 10\nlr = 3\n")
+    with pytest.raises(SystemExit, match="unknown config key 'lr'"):
+        load_config(DEFAULTS, [str(typo)])
+
+
+def test_every_shipped_config_loads():
+    import glob
+    import os
+    configs = glob.glob(os.path.join(os.path.dirname(train.__file__), 'config', '*.py'))
+    assert configs
+    for path in configs:
+        load_config(train.DEFAULTS, [path])
+
+
+def test_lr_schedule():
+    cfg = type('cfg', (), dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110))
+    assert 0 < train.get_lr(0, cfg) < train.get_lr(5, cfg) < 1e-3  # warmup starts above zero
+    assert train.get_lr(10, cfg) == pytest.approx(1e-3)  # peak after warmup
+    assert train.get_lr(60, cfg) == pytest.approx((1e-3 + 1e-4) / 2)  # half way down the cosine
+    assert train.get_lr(110, cfg) == pytest.approx(1e-4)
+    assert train.get_lr(10_000, cfg) == 1e-4
+    lrs = [train.get_lr(i, cfg) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # decays monotonically

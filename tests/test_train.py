@@ -1,0 +1,107 @@
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import run
+from model import load_checkpoint
+
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
+        '--warmup_iters=5', '--lr_decay_iters=40', '--learning_rate=3e-3', '--min_lr=3e-4', '--device=cpu']
+
+
+def test_get_batch_shapes_dtypes_and_targets():
+    data = np.arange(1000, dtype=np.uint16)
+    x, y = train.get_batch(data, 4, 16, train.batch_rng(1, 0, 0, 0), 'cpu')
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the inputs shifted by one
+    assert torch.equal(y[:, -1], x[:, -1] + 1)
+    assert int(x.max()) < 1000
+    # a batch is a function of (seed, step) alone
+    x2, _ = train.get_batch(data, 4, 16, train.batch_rng(1, 0, 0, 0), 'cpu')
+    x3, _ = train.get_batch(data, 4, 16, train.batch_rng(1, 0, 1, 0), 'cpu')
+    assert torch.equal(x, x2) and not torch.equal(x, x3)
+    big = np.arange(70_000, dtype=np.uint32)  # uint32 streams read the same way
+    x, y = train.get_batch(big, 2, 8, train.batch_rng(0, 0), 'cpu')
+    assert torch.equal(y[:, :-1], x[:, 1:]) and x.dtype == torch.int64
+
+
+@pytest.fixture
+def prepared(tmp_path, small_text):
+    (tmp_path / 'input.txt').write_text(small_text, encoding='utf-8')
+    run('prepare.py', 'tiny_char', '--input=input.txt', cwd=tmp_path)
+    return tmp_path
+
+
+def test_end_to_end_train_resume_sample(prepared):
+    cwd = prepared
+    first = run('train.py', '--dataset=tiny_char', '--out_dir=out', '--max_iters=20', '--eval_interval=10',
+                '--log_interval=5', *TINY, cwd=cwd).stdout
+    assert 'iter 20: loss' in first and 'step 20: train loss' in first
+    assert re.search(r'iter 5: loss [\d.]+, time [\d.]+ms, tok/s [\d,]+, mfu [\d.]+%', first)
+    losses = [float(v) for v in re.findall(r'val loss ([\d.]+)', first)]
+    assert losses[-1] < losses[0]  # it learns
+    assert os.path.exists(cwd / 'out' / 'ckpt.pt') and os.path.exists(cwd / 'out' / 'best.pt')
+
+    resumed = run('train.py', '--dataset=tiny_char', '--out_dir=out', '--init_from=resume', '--max_iters=30',
+                  '--eval_interval=10', '--log_interval=5', *TINY, cwd=cwd).stdout
+    assert 'resuming from out at iteration 20' in resumed and 'step 30: train loss' in resumed
+    assert load_checkpoint(str(cwd / 'out'))[1]['iter_num'] == 30
+
+    batch = run('sample.py', '--out_dir=out', '--num_samples=3', '--max_new_tokens=40', '--start=The',
+                cwd=cwd).stdout
+    assert batch.count('---------------') == 3 and batch.count('The') >= 3
+    streamed = run('sample.py', '--out_dir=out', '--num_samples=1', '--max_new_tokens=40', '--temperature=0',
+                   '--start=ROMEO:', '--dtype=float32', cwd=cwd).stdout
+    assert streamed.startswith('ROMEO:') and len(streamed) >= len('ROMEO:') + 40
+    again = run('sample.py', '--out_dir=out', '--num_samples=1', '--max_new_tokens=40', '--temperature=0',
+                '--start=ROMEO:', '--dtype=float32', cwd=cwd).stdout
+    assert again == streamed  # greedy is deterministic
+
+
+def test_resume_gives_bitwise_the_same_weights(prepared):
+    cwd = prepared
+    common = ['--dataset=tiny_char', '--eval_interval=10', '--log_interval=10', '--dtype=float32', *TINY]
+    run('train.py', '--out_dir=straight', '--max_iters=20', *common, cwd=cwd)
+    run('train.py', '--out_dir=halves', '--max_iters=10', *common, cwd=cwd)
+    run('train.py', '--out_dir=halves', '--max_iters=20', '--init_from=resume', *common, cwd=cwd)
+    straight = torch.load(cwd / 'straight' / 'ckpt.pt', weights_only=True)
+    halves = torch.load(cwd / 'halves' / 'ckpt.pt', weights_only=True)
+    assert straight['iter_num'] == halves['iter_num'] == 20
+    for key, value in straight['model'].items():
+        assert torch.equal(value, halves['model'][key]), key
+
+
+def test_best_checkpoint_is_not_replaced_by_a_worse_one(prepared):
+    cwd = prepared
+    # a learning rate this high makes the model worse after its first evaluation
+    args = ['--dataset=tiny_char', '--out_dir=out', '--eval_interval=5', '--log_interval=5', '--max_iters=30',
+            '--always_save_checkpoint=False', *TINY, '--learning_rate=0.5', '--warmup_iters=0', '--grad_clip=0.0']
+    out = run('train.py', *args, cwd=cwd).stdout
+    losses = [float(v) for v in re.findall(r'val loss ([\d.]+)', out)]
+    saved = torch.load(cwd / 'out' / 'ckpt.pt', weights_only=True)
+    assert saved['best_val_loss'] == pytest.approx(min(losses[1:]), abs=1e-4)
+    assert saved['iter_num'] == 5 * (1 + losses[1:].index(min(losses[1:])))
+
+
+@pytest.mark.parametrize('script,args,message', [
+    ('train.py', ['--dataset=nothing_here'], "dataset 'nothing_here' is not prepared"),
+    ('train.py', ['--dataset=tiny_char', '--learnig_rate=1'], "did you mean 'learning_rate'"),
+    ('train.py', ['--dataset=tiny_char', '--n_embd=100', '--n_head=3'], 'must be divisible by n_head'),
+    ('train.py', ['--dataset=tiny_char', '--batch_size=0'], 'batch_size must be positive'),
+    ('train.py', ['--dataset=tiny_char', '--block_size=100000'], 'too few for block_size 100000'),
+    ('train.py', ['--dataset=tiny_char', '--device=cuda'], 'sees no CUDA GPU'),
+    ('train.py', ['--dataset=tiny_char', '--init_from=resume', '--out_dir=empty'], 'no checkpoint at empty'),
+    ('train.py', ['config/no_such_config.py'], 'not found'),
+    ('sample.py', ['--out_dir=empty'], 'no checkpoint at empty'),
+])
+def test_bad_input_is_a_one_line_error(prepared, script, args, message):
+    before = sorted(os.listdir(prepared / 'data' / 'tiny_char'))
+    proc = run(script, *args, cwd=prepared, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+    assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(prepared / 'data' / 'tiny_char')) == before

@@ -1,0 +1,332 @@
+"""
+Train a GPT, on one CPU or GPU or on several through DDP.
+
+    python train.py config/train_shakespeare_char_cpu.py              # a laptop CPU, ~2 minutes
+    python train.py config/train_shakespeare_char.py --max_iters=2000  # config file, then overrides
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+    # several nodes: run on each, with its own --node_rank (0 on the master):
+    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 \\
+        train.py config/train_gpt2.py
+
+Every default is below; config/*.py files (plain Python) and --key=value arguments override them.
+"""
+
+import math
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from common import autocast_context, die, load_config, measure_peak_flops, pick_device, pick_dtype
+from model import GPT, GPTConfig, load_checkpoint
+from prepare import load_meta
+
+# -----------------------------------------------------------------------------
+# default config values: GPT-2 (124M) on the BPE shakespeare text
+# I/O
+out_dir = 'out'
+eval_interval = 2000
+log_interval = 1
+eval_iters = 200  # batches per split for each loss estimate
+eval_only = False  # evaluate once, then exit
+always_save_checkpoint = True  # save ckpt.pt at every eval (the best one also goes to best.pt)
+init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+seed = 1337
+# wandb logging
+wandb_log = False
+wandb_project = 'gptforge'
+wandb_run_name = 'gpt2'
+# data
+dataset = 'shakespeare'  # data/<dataset>/, made by python prepare.py <dataset>
+gradient_accumulation_steps = 5 * 8  # micro-batches per optimizer step, over all processes
+batch_size = 12  # sequences per micro-batch
+block_size = 1024
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # 0 for pretraining, 0.1+ for fine-tuning
+bias = False  # biases in Linears and LayerNorms?
+# AdamW optimizer
+learning_rate = 6e-4  # the maximum learning rate
+max_iters = 600000  # optimizer steps in all
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip gradients at this norm, 0.0 to disable
+# learning rate schedule: linear warmup, then cosine decay down to min_lr
+decay_lr = True
+warmup_iters = 2000
+lr_decay_iters = 600000  # ~= max_iters per Chinchilla
+min_lr = 6e-5  # ~= learning_rate/10 per Chinchilla
+# system
+backend = 'auto'  # DDP backend: 'auto' is nccl on CUDA, gloo on CPU
+device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' (bfloat16 where the hardware has it, else float32), 'float32', 'bfloat16', 'float16'
+compile = None  # torch.compile the model; None means on for CUDA, off elsewhere
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items()
+            if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+
+
+def get_batch(data, batch_size, block_size, rng, device):
+    """batch_size random windows of the token stream: inputs x and next-token targets y, (B, T) each."""
+    starts = rng.integers(0, len(data) - block_size, size=batch_size)
+    windows = data[starts[:, None] + np.arange(block_size + 1)]  # (B, T+1), one read of the memmap
+    xy = torch.from_numpy(windows.astype(np.int64))
+    if str(device).startswith('cuda'):  # pinned memory lets the copy overlap with the GPU's work
+        xy = xy.pin_memory().to(device, non_blocking=True)
+    else:
+        xy = xy.to(device)
+    return xy[:, :-1], xy[:, 1:]
+
+
+def batch_rng(seed, *step):
+    """The random generator of one batch, a function of (seed, step) alone: same data on 1 or N processes,
+    and after a resume."""
+    return np.random.default_rng((seed, *step))
+
+
+def get_lr(it, cfg):
+    """Linear warmup (non-zero at step 0), cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    decay_ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # from 1 down to 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, cfg, device, ctx):
+    """Mean loss over the same eval_iters batches of each split at every eval, so evals compare fairly."""
+    out = {}
+    model.eval()
+    for split_id, (split, data) in enumerate(splits.items()):
+        losses = torch.zeros(cfg.eval_iters)
+        for k in range(cfg.eval_iters):
+            x, y = get_batch(data, cfg.batch_size, cfg.block_size, batch_rng(cfg.seed, 1, split_id, k), device)
+            with ctx:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def save_checkpoint(checkpoint, path):
+    """Write through a temporary file, fsync, rename: a crash leaves the old checkpoint or the new one."""
+    tmp_path = path + '.tmp'
+    try:
+        with open(tmp_path, 'wb') as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except OSError as e:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        print(f"warning: could not save {path} ({e}); the previous checkpoint is kept")
+
+
+def check_config(cfg):
+    """Stop early, with the fix, on settings that would only fail later."""
+    if cfg.n_embd % cfg.n_head != 0:
+        die(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}): "
+            f"try n_head={math.gcd(cfg.n_embd, cfg.n_head)} or n_embd={cfg.n_embd // cfg.n_head * cfg.n_head or cfg.n_head}")
+    for key in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'gradient_accumulation_steps',
+                'eval_interval', 'eval_iters', 'log_interval'):
+        if getattr(cfg, key) <= 0:
+            die(f"{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.init_from not in ('scratch', 'resume'):
+        die(f"init_from must be 'scratch' or 'resume', got '{cfg.init_from}'")
+
+
+def open_dataset(cfg):
+    """The dataset's meta and its train/val token streams, memory-mapped."""
+    data_dir = os.path.join('data', cfg.dataset)
+    paths = {split: os.path.join(data_dir, f'{split}.bin') for split in ('train', 'val')}
+    if not all(os.path.exists(p) for p in paths.values()):
+        how = f"python prepare.py {cfg.dataset}" + ("" if cfg.dataset.startswith('shakespeare') else " --input=PATH_OR_URL")
+        die(f"dataset '{cfg.dataset}' is not prepared ({paths['train']} is missing): run {how}")
+    meta = load_meta(data_dir)
+    splits = {split: np.memmap(path, dtype=meta['dtype'], mode='r') for split, path in paths.items()}
+    for split, data in splits.items():
+        if len(data) <= cfg.block_size:
+            die(f"{paths[split]} has {len(data)} tokens, too few for block_size {cfg.block_size}: "
+                f"use --block_size={max(1, len(data) // 2)} or more text")
+    return meta, splits
+
+
+def main(argv):
+    cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
+    check_config(cfg)
+
+    # processes: one, or one per GPU (or CPU share) under torchrun
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    device = pick_device(cfg.device)
+    if ddp:
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+        backend = cfg.backend if cfg.backend != 'auto' else ('nccl' if device.startswith('cuda') else 'gloo')
+        torch.distributed.init_process_group(backend=backend)
+        if device.startswith('cuda'):
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+        else:  # processes on one machine share its cores
+            torch.set_num_threads(max(1, os.cpu_count() // int(os.environ['LOCAL_WORLD_SIZE'])))
+        if cfg.gradient_accumulation_steps % world_size != 0:
+            die(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the "
+                f"number of processes ({world_size})")
+    else:
+        rank, world_size = 0, 1
+    master = rank == 0  # only the master process logs and writes checkpoints
+    accum_steps = cfg.gradient_accumulation_steps // world_size  # micro-batches per process per step
+    device_type = device.split(':')[0]
+    dtype = pick_dtype(cfg.dtype, device_type)
+    ctx = autocast_context(device_type, dtype)
+    use_compile = cfg.compile if cfg.compile is not None else device_type == 'cuda'
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    torch.manual_seed(cfg.seed + rank)  # dropout differs per process; the data does not (batch_rng)
+    if master:
+        print(f"torch {torch.__version__}, device {device}, dtype {dtype}, compile {use_compile}, "
+              f"{world_size} process(es), {torch.get_num_threads()} threads each")
+        print(f"tokens per iteration will be: {tokens_per_iter:,}")
+
+    meta, splits = open_dataset(cfg)
+
+    # the model: new, or the one in out_dir/ckpt.pt
+    iter_num, best_val_loss, checkpoint = 0, float('inf'), None
+    if cfg.init_from == 'scratch':
+        # GPT-2's 50257 tokens padded to 50304, a multiple of 64, makes the head's matmul faster
+        vocab_size = meta['vocab_size']
+        padded = math.ceil(vocab_size / 64) * 64
+        model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                          bias=cfg.bias, dropout=cfg.dropout,
+                          vocab_size=padded if padded - vocab_size < 0.01 * vocab_size else vocab_size)
+        model = GPT(GPTConfig(**model_args))
+    else:
+        model, checkpoint = load_checkpoint(cfg.out_dir, device)
+        model_args = checkpoint['model_args']
+        if model_args['vocab_size'] < meta['vocab_size']:
+            die(f"the checkpoint's vocabulary ({model_args['vocab_size']}) is smaller than dataset "
+                f"'{cfg.dataset}''s ({meta['vocab_size']}): resume on the dataset it was trained on")
+        iter_num, best_val_loss = checkpoint['iter_num'], float(checkpoint['best_val_loss'])
+        if master:
+            print(f"resuming from {cfg.out_dir} at iteration {iter_num}, best val loss {best_val_loss:.4f}")
+    if cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+        model_args['block_size'] = cfg.block_size
+    elif cfg.block_size > model.config.block_size:
+        die(f"block_size {cfg.block_size} is longer than the model's {model.config.block_size}")
+    model.to(device)
+    if master:
+        print(f"model: {model.get_num_params() / 1e6:.2f}M parameters")
+
+    # GradScaler only does something for float16, whose gradients underflow without it
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        if 'scaler' in checkpoint:
+            scaler.load_state_dict(checkpoint['scaler'])
+    # a resumed run has just been evaluated at this step (unless it is only here to evaluate)
+    resumed_at = iter_num if checkpoint is not None and not cfg.eval_only else None
+    checkpoint = None  # free the memory
+
+    raw_model = model  # the plain model: what is saved, evaluated for MFU, and configured
+    if use_compile:
+        model = torch.compile(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(device[5:])] if device_type == 'cuda' else None)
+    if cfg.wandb_log and master:
+        import wandb
+        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg))
+    peak_flops = measure_peak_flops(device, dtype) if master else 1.0
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+
+    def next_batch(iter_num, micro_step):  # this process's share of step iter_num's global batch
+        micro_index = rank * accum_steps + micro_step
+        return get_batch(splits['train'], cfg.batch_size, cfg.block_size,
+                         batch_rng(cfg.seed, 0, iter_num, micro_index), device)
+
+    x, y = next_batch(iter_num, 0)
+    t0 = time.time()
+    running_mfu = -1.0
+    loss_sum = torch.zeros((), device=device)
+    while True:
+        lr = get_lr(iter_num, cfg) if cfg.decay_lr else cfg.learning_rate
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+
+        if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and iter_num != resumed_at and master:
+            losses = estimate_loss(model, splits, cfg, device, ctx)
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if cfg.wandb_log:
+                wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr,
+                           'mfu': running_mfu * 100})
+            if not math.isfinite(losses['val']):
+                die(f"val loss is {losses['val']} at iteration {iter_num}: lower learning_rate or raise "
+                    f"warmup_iters; the last good checkpoint in {cfg.out_dir} is kept")
+            improved = losses['val'] < best_val_loss
+            best_val_loss = min(best_val_loss, losses['val'])
+            if iter_num > 0 and (improved or cfg.always_save_checkpoint):
+                checkpoint = {
+                    'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                    'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+                    'config': vars(cfg), 'meta': meta, 'scaler': scaler.state_dict(),
+                }
+                print(f"saving checkpoint to {cfg.out_dir}")
+                save_checkpoint(checkpoint, os.path.join(cfg.out_dir, 'ckpt.pt'))
+                if improved and cfg.always_save_checkpoint:  # ckpt.pt is the latest; keep the best apart
+                    save_checkpoint(checkpoint, os.path.join(cfg.out_dir, 'best.pt'))
+                checkpoint = None
+        if cfg.eval_only or iter_num >= cfg.max_iters:
+            break
+
+        # one optimizer step: forward and backward over accum_steps micro-batches
+        for micro_step in range(accum_steps):
+            if ddp:  # average the gradients across processes only once, at the last micro-step
+                model.require_backward_grad_sync = (micro_step == accum_steps - 1)
+            with ctx:
+                _, loss = model(x, y)
+                loss = loss / accum_steps  # the gradients add up over micro-steps: make them a mean
+            # fetch the next batch while the device works on this one
+            x, y = next_batch(*((iter_num, micro_step + 1) if micro_step + 1 < accum_steps else (iter_num + 1, 0)))
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip != 0.0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+
+        if iter_num % cfg.log_interval == 0 and master:
+            t1 = time.time()
+            dt = (t1 - t0) / cfg.log_interval
+            t0 = t1
+            loss = loss_sum.item() / cfg.log_interval  # .item() waits for the device: only here
+            if not math.isfinite(loss):
+                die(f"loss is {loss} at iteration {iter_num}: lower learning_rate or raise warmup_iters; "
+                    f"the last good checkpoint in {cfg.out_dir} is kept")
+            if iter_num >= 5 * cfg.log_interval:  # the first steps include warm-up and compilation
+                mfu = raw_model.estimate_mfu(cfg.batch_size * accum_steps * world_size, dt, peak_flops * world_size,
+                                             cfg.block_size)
+                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+            print(f"iter {iter_num}: loss {loss:.4f}, time {dt * 1000:.2f}ms, "
+                  f"tok/s {tokens_per_iter / dt:,.0f}, mfu {max(running_mfu, 0) * 100:.2f}%")
+        if iter_num % cfg.log_interval == 0:
+            loss_sum.zero_()
+
+    if ddp:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
