@@ -105,3 +105,33 @@ def test_bad_input_is_a_one_line_error(prepared, script, args, message):
     assert message in proc.stderr, proc.stderr
     assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert sorted(os.listdir(prepared / 'data' / 'tiny_char')) == before
+
+
+def test_ddp_with_gloo_matches_one_process(prepared):
+    """torchrun with 2 CPU processes trains the same model as 1 process with the same global batch."""
+    import subprocess
+    import sys
+    cwd = prepared
+    args = ['--dataset=tiny_char', '--max_iters=10', '--eval_interval=10', '--log_interval=5', '--dtype=float32',
+            '--gradient_accumulation_steps=2', *TINY]
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           os.path.join(os.path.dirname(train.__file__), 'train.py'), '--out_dir=ddp', *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count('step 10: train loss') == 1  # only rank 0 logs
+    run('train.py', '--out_dir=single', *args, cwd=cwd)
+    ddp = torch.load(cwd / 'ddp' / 'ckpt.pt', weights_only=True)['model']
+    single = torch.load(cwd / 'single' / 'ckpt.pt', weights_only=True)['model']
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_works_on_cpu(prepared):
+    cwd = prepared
+    out = run('train.py', '--dataset=tiny_char', '--out_dir=out', '--max_iters=10', '--eval_interval=10',
+              '--compile=True', *TINY, cwd=cwd).stdout
+    assert 'compile True' in out and 'step 10: train loss' in out
+    sampled = run('sample.py', '--out_dir=out', '--compile=True', '--num_samples=2', '--max_new_tokens=20',
+                  cwd=cwd).stdout
+    assert sampled.count('---------------') == 2

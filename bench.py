@@ -1,0 +1,128 @@
+"""
+Measure training and sampling speed of a model configuration, each next to a plain baseline
+measured in the same run (absolute times drift on shared machines; ratios don't):
+
+    python bench.py config/train_shakespeare_char_cpu.py
+    python bench.py --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --vocab_size=65 --sample_tokens=256
+    python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --vocab_size=50304 --train_steps=0
+
+Training: tokens/s and MFU in the chosen dtype (and compile setting) against float32 eager.
+Sampling: tokens/s of one sample from a 1-token prompt, KV cache and weights in dtype, against
+float32 generation that re-runs the whole context for every token (nanoGPT's generate).
+The data is random tokens: speed does not depend on them.
+"""
+
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import train
+from common import autocast_context, load_config, measure_peak_flops, pick_device, pick_dtype, synchronize
+from model import GPT, GPTConfig
+from prepare import load_meta
+
+DEFAULTS = {
+    **train.DEFAULTS,
+    'vocab_size': 0,  # 0: the dataset's (from data/<dataset>/meta.json), or GPT-2's padded 50304
+    'train_steps': 10,  # timed optimizer steps per training measurement (0 skips training)
+    'warmup_steps': 3,  # untimed steps first (compilation, allocator warm-up)
+    'sample_tokens': 256,  # new tokens per sampling measurement (0 skips sampling)
+    'baseline': True,  # also measure the float32 / full-recompute baselines
+}
+
+
+def vocab_size_of(cfg):
+    if cfg.vocab_size:
+        return cfg.vocab_size
+    try:
+        return load_meta(f'data/{cfg.dataset}')['vocab_size']
+    except SystemExit:
+        return 50304
+
+
+def train_speed(cfg, model_config, device, dtype, use_compile):
+    """(tokens/s, MFU) of train_steps optimizer steps, as train.py takes them."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config).to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           device.split(':')[0])
+    step_model = torch.compile(model) if use_compile else model
+    ctx = autocast_context(device.split(':')[0], dtype)
+    data = np.random.default_rng(cfg.seed).integers(0, model_config.vocab_size, 100_000).astype(np.int64)
+    accum = cfg.gradient_accumulation_steps
+    for step in range(cfg.warmup_steps + cfg.train_steps):
+        if step == cfg.warmup_steps:
+            synchronize(device)
+            t0 = time.perf_counter()
+        for micro_step in range(accum):
+            x, y = train.get_batch(data, cfg.batch_size, cfg.block_size, train.batch_rng(cfg.seed, step, micro_step), device)
+            with ctx:
+                _, loss = step_model(x, y)
+            (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    dt = (time.perf_counter() - t0) / cfg.train_steps
+    peak = measure_peak_flops(device, dtype)
+    mfu = model.estimate_mfu(cfg.batch_size * accum, dt, peak, cfg.block_size)
+    return cfg.batch_size * accum * cfg.block_size / dt, mfu
+
+
+def sample_speed(cfg, model_config, device, dtype, use_cache):
+    """tokens/s of one sample of sample_tokens new tokens after a 1-token prompt."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config).to(device).eval().to(getattr(torch, dtype))
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    list(model.generate_stream(prompt, 4, use_cache=use_cache))  # warm up
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in model.generate_stream(prompt, cfg.sample_tokens, use_cache=use_cache):
+        pass
+    synchronize(device)
+    return cfg.sample_tokens / (time.perf_counter() - t0)
+
+
+def main(argv):
+    cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
+    train.check_config(cfg)
+    device = pick_device(cfg.device)
+    device_type = device.split(':')[0]
+    dtype = pick_dtype(cfg.dtype, device_type)
+    use_compile = cfg.compile if cfg.compile is not None else device_type == 'cuda'
+    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size_of(cfg), n_layer=cfg.n_layer,
+                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    n_params = GPT(model_config).get_num_params() / 1e6
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; model "
+          f"{cfg.n_layer}x{cfg.n_embd} ({cfg.n_head} heads), block {cfg.block_size}, vocab {model_config.vocab_size}, "
+          f"{n_params:.1f}M parameters")
+    fast_name = f"{dtype}{' compiled' if use_compile else ''}"
+    rows = []  # (measure, baseline name, baseline value, ours name, ours value)
+    if cfg.train_steps > 0:
+        batch = f"batch {cfg.batch_size}x{cfg.gradient_accumulation_steps}"
+        tok_s, mfu = train_speed(cfg, model_config, device, dtype, use_compile)
+        base_tok_s, base_mfu = train_speed(cfg, model_config, device, 'float32', False) if cfg.baseline else (None, None)
+        rows.append((f"train tokens/s ({batch})", 'float32 eager', base_tok_s, fast_name, tok_s))
+        rows.append((f"train MFU (of the measured {dtype} peak)", 'float32 eager, of fp32 peak', base_mfu, fast_name, mfu))
+    if cfg.sample_tokens > 0:
+        tok_s = sample_speed(cfg, model_config, device, dtype, use_cache=True)
+        base_tok_s = sample_speed(cfg, model_config, device, 'float32', use_cache=False) if cfg.baseline else None
+        rows.append((f"sample tokens/s (batch 1, {cfg.sample_tokens} new)", 'float32 full recompute', base_tok_s,
+                     f"{dtype} KV cache", tok_s))
+
+    def fmt(v, is_mfu):
+        return '-' if v is None else (f"{v * 100:.1f}%" if is_mfu else f"{v:,.1f}")
+    print("\n| measure | baseline | baseline value | gptforge | gptforge value | ratio |")
+    print("|---|---|---|---|---|---|")
+    for what, base_name, base, ours_name, ours in rows:
+        is_mfu = 'MFU' in what
+        ratio = f"{ours / base:.2f}x" if base and not is_mfu else '-'  # MFUs have different peaks
+        print(f"| {what} | {base_name} | {fmt(base, is_mfu)} | {ours_name} | {fmt(ours, is_mfu)} | {ratio} |")
+    return rows
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
