@@ -13,6 +13,7 @@ Every default is below; config/*.py files (plain Python) and --key=value argumen
 
 import math
 import os
+import signal
 import sys
 import time
 from types import SimpleNamespace
@@ -57,6 +58,7 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip gradients at this norm, 0.0 to disable
+skip_nonfinite = False  # skip steps whose gradients are inf/nan (checked every step) instead of stopping
 # learning rate schedule: linear warmup, then cosine decay down to min_lr
 decay_lr = True
 warmup_iters = 2000
@@ -88,6 +90,9 @@ def batch_rng(seed, *step):
     """The random generator of one batch, a function of (seed, step) alone: same data on 1 or N processes,
     and after a resume."""
     return np.random.default_rng((seed, *step))
+
+
+MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'bias', 'block_size')  # what a resumed run may not change
 
 
 def get_lr(it, cfg):
@@ -127,10 +132,24 @@ def save_checkpoint(checkpoint, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except OSError as e:
-        if os.path.exists(tmp_path):
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.isfile(tmp_path):
             os.remove(tmp_path)
         print(f"warning: could not save {path} ({e}); the previous checkpoint is kept")
+
+
+def check_resume(cfg, checkpoint, master):
+    """A resumed run keeps the model's shape; training keys may change, and the change is logged."""
+    model_args, saved = checkpoint['model_args'], checkpoint.get('config', {})
+    for key in MODEL_KEYS:
+        if key in model_args and getattr(cfg, key) != model_args[key]:
+            die(f"the checkpoint in {cfg.out_dir} has {key}={model_args[key]!r}, this run asks for "
+                f"{key}={getattr(cfg, key)!r}: resume with the run's own config (or --{key}={model_args[key]!r}), "
+                "or start from scratch in another out_dir")
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in vars(cfg).items()
+               if k in saved and saved[k] != v and k not in ('init_from', 'eval_only')]
+    if changed and master:
+        print(f"changed since the checkpoint: {', '.join(changed)}")
 
 
 def check_config(cfg):
@@ -190,7 +209,6 @@ def main(argv):
     ctx = autocast_context(device_type, dtype)
     use_compile = cfg.compile if cfg.compile is not None else device_type == 'cuda'
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    torch.manual_seed(cfg.seed + rank)  # dropout differs per process; the data does not (batch_rng)
     if master:
         print(f"torch {torch.__version__}, device {device}, dtype {dtype}, compile {use_compile}, "
               f"{world_size} process(es), {torch.get_num_threads()} threads each")
@@ -198,7 +216,8 @@ def main(argv):
 
     meta, splits = open_dataset(cfg)
 
-    # the model: new, or the one in out_dir/ckpt.pt
+    # the model: new (its initialization seeded), or the one in out_dir/ckpt.pt
+    torch.manual_seed(cfg.seed)
     iter_num, best_val_loss, checkpoint = 0, float('inf'), None
     if cfg.init_from == 'scratch':
         # GPT-2's 50257 tokens padded to 50304, a multiple of 64, makes the head's matmul faster
@@ -211,10 +230,11 @@ def main(argv):
     else:
         model, checkpoint = load_checkpoint(cfg.out_dir, device)
         model_args = checkpoint['model_args']
-        if model_args['vocab_size'] < meta['vocab_size']:
-            die(f"the checkpoint's vocabulary ({model_args['vocab_size']}) is smaller than dataset "
-                f"'{cfg.dataset}''s ({meta['vocab_size']}): resume on the dataset it was trained on")
+        if model_args['vocab_size'] < meta['vocab_size'] or checkpoint.get('meta', meta) != meta:
+            die(f"the checkpoint's vocabulary ({model_args['vocab_size']} tokens) is not the one of dataset "
+                f"'{cfg.dataset}' ({meta['vocab_size']} tokens): resume on the dataset it was trained on")
         iter_num, best_val_loss = checkpoint['iter_num'], float(checkpoint['best_val_loss'])
+        check_resume(cfg, checkpoint, master)
         if master:
             print(f"resuming from {cfg.out_dir} at iteration {iter_num}, best val loss {best_val_loss:.4f}")
     if cfg.block_size < model.config.block_size:
@@ -235,6 +255,8 @@ def main(argv):
             scaler.load_state_dict(checkpoint['scaler'])
     # a resumed run has just been evaluated at this step (unless it is only here to evaluate)
     resumed_at = iter_num if checkpoint is not None and not cfg.eval_only else None
+    # with always_save_checkpoint off, ckpt.pt holds the best model until a preemption saves over it
+    ckpt_is_best = checkpoint is None or not checkpoint.get('preempted', False)
     checkpoint = None  # free the memory
 
     raw_model = model  # the plain model: what is saved, evaluated for MFU, and configured
@@ -248,6 +270,17 @@ def main(argv):
     peak_flops = measure_peak_flops(device, dtype) if master else 1.0
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path, best_path = os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'best.pt')
+
+    def make_checkpoint(preempted=False):
+        return {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
+                'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': vars(cfg), 'meta': meta,
+                'scaler': scaler.state_dict(), 'preempted': preempted}
+
+    # SIGTERM (preemption) and SIGINT (Ctrl-C): finish the step, save, exit cleanly
+    stop_requests = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: stop_requests.append(signum))
 
     def next_batch(iter_num, micro_step):  # this process's share of step iter_num's global batch
         micro_index = rank * accum_steps + micro_step
@@ -275,20 +308,20 @@ def main(argv):
             improved = losses['val'] < best_val_loss
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and (improved or cfg.always_save_checkpoint):
-                checkpoint = {
-                    'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-                    'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-                    'config': vars(cfg), 'meta': meta, 'scaler': scaler.state_dict(),
-                }
+                checkpoint = make_checkpoint()
                 print(f"saving checkpoint to {cfg.out_dir}")
-                save_checkpoint(checkpoint, os.path.join(cfg.out_dir, 'ckpt.pt'))
+                save_checkpoint(checkpoint, ckpt_path)
+                ckpt_is_best = improved
                 if improved and cfg.always_save_checkpoint:  # ckpt.pt is the latest; keep the best apart
-                    save_checkpoint(checkpoint, os.path.join(cfg.out_dir, 'best.pt'))
+                    save_checkpoint(checkpoint, best_path)
                 checkpoint = None
         if cfg.eval_only or iter_num >= cfg.max_iters:
             break
 
         # one optimizer step: forward and backward over accum_steps micro-batches
+        # dropout's randomness, like the batches, is a function of (seed, step, process): resumes are exact
+        torch.manual_seed(int(batch_rng(cfg.seed, 2, iter_num, rank).integers(2 ** 62)))
+        step_loss = torch.zeros((), device=device)
         for micro_step in range(accum_steps):
             if ddp:  # average the gradients across processes only once, at the last micro-step
                 model.require_backward_grad_sync = (micro_step == accum_steps - 1)
@@ -298,14 +331,33 @@ def main(argv):
             # fetch the next batch while the device works on this one
             x, y = next_batch(*((iter_num, micro_step + 1) if micro_step + 1 < accum_steps else (iter_num + 1, 0)))
             scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip != 0.0:
+            step_loss += loss.detach()
+        if cfg.grad_clip != 0.0 or cfg.skip_nonfinite:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
+        if cfg.skip_nonfinite and not torch.isfinite(grad_norm):  # a host sync, only with this option
+            print(f"iter {iter_num}: gradients are not finite, step skipped")
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            scaler.step(optimizer)
+            loss_sum += step_loss
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
+
+        stop = bool(stop_requests)
+        if ddp:  # every process stops at the same step, whichever of them got the signal
+            flag = torch.tensor(float(stop), device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = flag.item() > 0
+        if stop:
+            if master:
+                if not cfg.always_save_checkpoint and ckpt_is_best and os.path.exists(ckpt_path):
+                    os.replace(ckpt_path, best_path)  # keep the best model as best.pt
+                save_checkpoint(make_checkpoint(preempted=True), ckpt_path)
+                print(f"stopped by a signal at iteration {iter_num}: saved {ckpt_path}; "
+                      f"continue with --init_from=resume")
+            break
 
         if iter_num % cfg.log_interval == 0 and master:
             t1 = time.time()

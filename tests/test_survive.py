@@ -1,0 +1,135 @@
+"""Training that survives: kills, signals, bad resumes, non-finite losses, failed saves."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run
+from test_train import TINY, prepared  # noqa: F401 (fixture)
+
+ARGS = ['--dataset=tiny_char', '--out_dir=out', '--log_interval=1', *TINY]
+
+
+def start(cwd, *args, launcher=()):
+    return subprocess.Popen([sys.executable, *launcher, os.path.join(ROOT, 'train.py'), *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+
+
+def wait_for(proc, text, timeout=120):
+    """Read proc's stdout until a line contains text."""
+    deadline = time.time() + timeout
+    lines = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"never saw {text!r}:\n{''.join(lines)}\n{proc.stderr.read()}")
+
+
+def test_kill_9_never_leaves_a_broken_checkpoint(prepared):
+    """SIGKILL a run that saves at every step, at several moments; every ckpt.pt left behind loads."""
+    cwd = prepared
+    args = [*ARGS, '--eval_interval=1', '--eval_iters=1', '--max_iters=100000', '--always_save_checkpoint=True']
+    kills, lost = 0, 0
+    for delay in (0.0, 0.05, 0.13, 0.21, 0.34, 0.55):
+        had_checkpoint = os.path.exists(cwd / 'out' / 'ckpt.pt')
+        proc = start(cwd, *args, *(['--init_from=resume'] if had_checkpoint else []))
+        wait_for(proc, 'saving checkpoint')
+        time.sleep(delay)
+        proc.kill()
+        proc.communicate()
+        kills += 1
+        if not had_checkpoint and not os.path.exists(cwd / 'out' / 'ckpt.pt'):
+            continue  # killed during the very first save: there was nothing to lose
+        try:
+            checkpoint = torch.load(cwd / 'out' / 'ckpt.pt', weights_only=True)
+            assert checkpoint['iter_num'] >= 1
+        except Exception as e:
+            print(f"lost after {delay} s: {e}")
+            lost += 1
+    print(f"kill -9 runs: {kills}, checkpoints lost: {lost}")
+    assert kills == 6 and lost == 0
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_at_the_next_step_and_resume_continues(prepared, signum):
+    cwd = prepared
+    proc = start(cwd, *ARGS, '--eval_interval=1000', '--max_iters=100000', '--always_save_checkpoint=False')
+    wait_for(proc, 'iter 3:')
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert 'stopped by a signal at iteration' in out and 'Traceback' not in err
+    saved = torch.load(cwd / 'out' / 'ckpt.pt', weights_only=True)
+    assert saved['iter_num'] >= 3 and saved['preempted']
+    resumed = run('train.py', *ARGS, '--eval_interval=1000', f"--max_iters={saved['iter_num'] + 2}",
+                  '--always_save_checkpoint=False', '--init_from=resume', cwd=cwd).stdout
+    assert f"resuming from out at iteration {saved['iter_num']}" in resumed
+    assert f"iter {saved['iter_num'] + 2}:" in resumed
+
+
+def test_sigterm_under_ddp_stops_every_rank(prepared):
+    cwd = prepared
+    proc = start(cwd, *ARGS, '--eval_interval=1000', '--max_iters=100000', '--gradient_accumulation_steps=2',
+                 '--dtype=float32', launcher=('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
+    wait_for(proc, 'iter 3:')
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    out, err = proc.communicate(timeout=60)
+    assert 'stopped by a signal at iteration' in out, err
+    assert torch.load(cwd / 'out' / 'ckpt.pt', weights_only=True)['iter_num'] >= 3
+
+
+def test_resume_refuses_a_new_shape_and_logs_changed_keys(prepared):
+    cwd = prepared
+    run('train.py', *ARGS, '--max_iters=4', '--eval_interval=4', cwd=cwd)
+    proc = run('train.py', *ARGS, '--init_from=resume', '--max_iters=6', '--eval_interval=4', '--n_layer=3',
+               cwd=cwd, check=False)
+    assert proc.returncode != 0 and 'has n_layer=2, this run asks for n_layer=3' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    out = run('train.py', *ARGS, '--init_from=resume', '--max_iters=6', '--eval_interval=4', '--learning_rate=1e-3',
+              cwd=cwd).stdout
+    assert 'changed since the checkpoint: learning_rate 0.003 -> 0.001, max_iters 4 -> 6' in out
+
+
+def test_resume_refuses_a_dataset_with_a_larger_vocabulary(prepared):
+    cwd = prepared
+    run('train.py', *ARGS, '--max_iters=2', '--eval_interval=2', cwd=cwd)
+    (cwd / 'more.txt').write_text(''.join(chr(0x400 + i) for i in range(200)) * 50, encoding='utf-8')
+    run('prepare.py', 'other_char', '--input=more.txt', cwd=cwd)
+    proc = run('train.py', *ARGS, '--dataset=other_char', '--init_from=resume', '--max_iters=4', cwd=cwd, check=False)
+    assert proc.returncode != 0 and "is not the one of dataset 'other_char' (200 tokens)" in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(prepared):
+    cwd = prepared
+    run('train.py', *ARGS, '--max_iters=4', '--eval_interval=4', cwd=cwd)
+    before = (cwd / 'out' / 'ckpt.pt').read_bytes()
+    explode = ['--learning_rate=1e30', '--min_lr=1e30', '--warmup_iters=0', '--grad_clip=0.0']
+    proc = run('train.py', *ARGS, '--init_from=resume', '--max_iters=40', '--eval_interval=1', *explode,
+               cwd=cwd, check=False)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert 'at iteration' in proc.stderr and 'last good checkpoint' in proc.stderr, proc.stderr
+    assert (cwd / 'out' / 'ckpt.pt').read_bytes() == before
+    # or skip the steps whose gradients are not finite (the exploded weights still fail the final eval)
+    proc = run('train.py', *ARGS, '--init_from=resume', '--max_iters=8', '--eval_interval=100', *explode,
+               '--skip_nonfinite=True', cwd=cwd, check=False)
+    assert 'gradients are not finite, step skipped' in proc.stdout and 'Traceback' not in proc.stderr
+    assert (cwd / 'out' / 'ckpt.pt').read_bytes() == before
+
+
+def test_a_failed_save_keeps_the_old_checkpoint(prepared):
+    cwd = prepared
+    run('train.py', *ARGS, '--max_iters=2', '--eval_interval=2', cwd=cwd)
+    before = (cwd / 'out' / 'ckpt.pt').read_bytes()
+    os.mkdir(cwd / 'out' / 'ckpt.pt.tmp')  # the temporary file can't be written: as good as a full disk
+    out = run('train.py', *ARGS, '--init_from=resume', '--max_iters=4', '--eval_interval=2', cwd=cwd).stdout
+    assert 'could not save' in out and 'the previous checkpoint is kept' in out
+    assert (cwd / 'out' / 'ckpt.pt').read_bytes() == before
