@@ -279,8 +279,13 @@ def main(argv):
 
     # SIGTERM (preemption) and SIGINT (Ctrl-C): finish the step, save, exit cleanly
     stop_requests = []
+
+    def request_stop(signum, frame):
+        if stop_requests:  # a second signal: stop now, without saving
+            raise KeyboardInterrupt
+        stop_requests.append(signum)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, frame: stop_requests.append(signum))
+        signal.signal(signum, request_stop)
 
     def next_batch(iter_num, micro_step):  # this process's share of step iter_num's global batch
         micro_index = rank * accum_steps + micro_step
