@@ -43,8 +43,8 @@ def load_config(defaults, argv):
 def _parse_value(raw, default):
     if isinstance(default, str):
         return raw
-    if isinstance(default, bool) and raw.lower() in ('true', 'false'):
-        return raw.lower() == 'true'
+    if (default is None or isinstance(default, bool)) and raw.lower() in ('true', 'false', 'none'):
+        return {'true': True, 'false': False, 'none': None}[raw.lower()]
     try:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):

@@ -207,7 +207,7 @@ class GPT(nn.Module):
         B, T = idx.size()
         tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
         tokens[:, :T] = idx
-        cache = KVCache(self.config.n_layer, block_size) if use_cache else None
+        cache = KVCache(self.config.n_layer, min(block_size, T + max_new_tokens)) if use_cache else None
         context = idx[:, -block_size:]  # the prompt goes in one forward pass
         for n in range(T, T + max_new_tokens):
             logits, _ = self(context, cache=cache)

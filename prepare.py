@@ -162,13 +162,17 @@ def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='
     meta['dtype'] = token_dtype(meta['vocab_size'])
     encode, _ = get_tokenizer(meta)
 
+    # every file is written under a temporary name first, then all are renamed together with meta.json
+    # last: an interrupted prepare leaves the old dataset as it was
     split = int(len(text) * (1 - val_fraction))
-    if os.path.exists(os.path.join(data_dir, 'meta.json')):
-        os.remove(os.path.join(data_dir, 'meta.json'))  # until the new splits are all written
     for split_name, part in (('train', text[:split]), ('val', text[split:])):
         ids = np.array(encode(part), dtype=meta['dtype'])
-        write_atomic(os.path.join(data_dir, f'{split_name}.bin'), ids.tofile)
+        ids.tofile(os.path.join(data_dir, f'{split_name}.bin.tmp'))
         print(f"{split_name}.bin: {len(ids):,} tokens")
+    if os.path.exists(os.path.join(data_dir, 'meta.json')):
+        os.remove(os.path.join(data_dir, 'meta.json'))  # the old meta must not describe the new splits
+    for split_name in ('train', 'val'):
+        os.replace(os.path.join(data_dir, f'{split_name}.bin.tmp'), os.path.join(data_dir, f'{split_name}.bin'))
     write_atomic(os.path.join(data_dir, 'meta.json'), lambda f: f.write(json.dumps(meta).encode()))
     print(f"wrote {data_dir}: vocab_size {meta['vocab_size']:,} ({tokenizer}), tokens stored as {meta['dtype']}")
     return data_dir

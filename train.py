@@ -13,6 +13,7 @@ Every default is below; config/*.py files (plain Python) and --key=value argumen
 
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -132,10 +133,12 @@ def save_checkpoint(checkpoint, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+        return True
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         if os.path.isfile(tmp_path):
             os.remove(tmp_path)
         print(f"warning: could not save {path} ({e}); the previous checkpoint is kept")
+        return False
 
 
 def check_resume(cfg, checkpoint, master):
@@ -230,6 +233,10 @@ def main(argv):
     else:
         model, checkpoint = load_checkpoint(cfg.out_dir, device)
         model_args = checkpoint['model_args']
+        if model_args.get('dropout') != cfg.dropout:  # dropout is a training setting: this run's applies
+            model_args['dropout'] = cfg.dropout
+            state_dict, model = model.state_dict(), GPT(GPTConfig(**model_args))
+            model.load_state_dict(state_dict)
         if model_args['vocab_size'] < meta['vocab_size'] or checkpoint.get('meta', meta) != meta:
             die(f"the checkpoint's vocabulary ({model_args['vocab_size']} tokens) is not the one of dataset "
                 f"'{cfg.dataset}' ({meta['vocab_size']} tokens): resume on the dataset it was trained on")
@@ -250,13 +257,18 @@ def main(argv):
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint['optimizer'])
+        try:
+            optimizer.load_state_dict(checkpoint['optimizer'])
+        except ValueError:  # nanoGPT also decays the embeddings: its parameter groups differ from ours
+            print("warning: the checkpoint's optimizer state has other parameter groups (nanoGPT's?): "
+                  "AdamW starts afresh, so this resume is not exact")
         if 'scaler' in checkpoint:
             scaler.load_state_dict(checkpoint['scaler'])
-    # a resumed run has just been evaluated at this step (unless it is only here to evaluate)
-    resumed_at = iter_num if checkpoint is not None and not cfg.eval_only else None
+    # a checkpoint saved at an eval has had this step's eval (a preemption checkpoint has not)
+    preempted = checkpoint is not None and checkpoint.get('preempted', False)
+    resumed_at = iter_num if checkpoint is not None and not preempted and not cfg.eval_only else None
     # with always_save_checkpoint off, ckpt.pt holds the best model until a preemption saves over it
-    ckpt_is_best = checkpoint is None or not checkpoint.get('preempted', False)
+    ckpt_is_best = checkpoint is not None and checkpoint.get('is_best', not preempted)
     checkpoint = None  # free the memory
 
     raw_model = model  # the plain model: what is saved, evaluated for MFU, and configured
@@ -272,10 +284,10 @@ def main(argv):
         os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path, best_path = os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'best.pt')
 
-    def make_checkpoint(preempted=False):
+    def make_checkpoint(is_best, preempted=False):
         return {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
                 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': vars(cfg), 'meta': meta,
-                'scaler': scaler.state_dict(), 'preempted': preempted}
+                'scaler': scaler.state_dict(), 'is_best': is_best, 'preempted': preempted}
 
     # SIGTERM (preemption) and SIGINT (Ctrl-C): finish the step, save, exit cleanly
     stop_requests = []
@@ -301,7 +313,8 @@ def main(argv):
         for group in optimizer.param_groups:
             group['lr'] = lr
 
-        if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and iter_num != resumed_at and master:
+        if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only) \
+                and iter_num != resumed_at and master:
             losses = estimate_loss(model, splits, cfg, device, ctx)
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             if cfg.wandb_log:
@@ -312,11 +325,11 @@ def main(argv):
                     f"warmup_iters; the last good checkpoint in {cfg.out_dir} is kept")
             improved = losses['val'] < best_val_loss
             best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > 0 and (improved or cfg.always_save_checkpoint):
-                checkpoint = make_checkpoint()
+            if iter_num > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
+                checkpoint = make_checkpoint(is_best=improved)
                 print(f"saving checkpoint to {cfg.out_dir}")
-                save_checkpoint(checkpoint, ckpt_path)
-                ckpt_is_best = improved
+                if save_checkpoint(checkpoint, ckpt_path):
+                    ckpt_is_best = improved
                 if improved and cfg.always_save_checkpoint:  # ckpt.pt is the latest; keep the best apart
                     save_checkpoint(checkpoint, best_path)
                 checkpoint = None
@@ -356,12 +369,15 @@ def main(argv):
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             stop = flag.item() > 0
         if stop:
-            if master:
+            if master and not math.isfinite(loss_sum.item()):
+                print(f"stopped by a signal at iteration {iter_num}, not saved: the loss is not finite")
+            elif master:
                 if not cfg.always_save_checkpoint and ckpt_is_best and os.path.exists(ckpt_path):
-                    os.replace(ckpt_path, best_path)  # keep the best model as best.pt
-                save_checkpoint(make_checkpoint(preempted=True), ckpt_path)
-                print(f"stopped by a signal at iteration {iter_num}: saved {ckpt_path}; "
-                      f"continue with --init_from=resume")
+                    shutil.copyfile(ckpt_path, best_path + '.tmp')  # keep the best model as best.pt
+                    os.replace(best_path + '.tmp', best_path)
+                if save_checkpoint(make_checkpoint(is_best=False, preempted=True), ckpt_path):
+                    print(f"stopped by a signal at iteration {iter_num}: saved {ckpt_path}; "
+                          f"continue with --init_from=resume")
             break
 
         if iter_num % cfg.log_interval == 0 and master:

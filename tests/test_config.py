@@ -20,6 +20,8 @@ def test_values_are_python_literals_widened_and_strings_taken_as_written():
     assert config['start'] == 'a=b 1'  # a value may contain '='
     assert load_config(DEFAULTS, ['--compile=True'])['compile'] is True  # None default: any value
     assert load_config(DEFAULTS, ['--bias=false'])['bias'] is False
+    assert load_config(DEFAULTS, ['--compile=false'])['compile'] is False  # not the (truthy) string 'false'
+    assert load_config(DEFAULTS, ['--compile=none'])['compile'] is None
 
 
 @pytest.mark.parametrize('argv,message', [

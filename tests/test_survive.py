@@ -73,6 +73,16 @@ def test_signal_saves_at_the_next_step_and_resume_continues(prepared, signum):
                   '--always_save_checkpoint=False', '--init_from=resume', cwd=cwd).stdout
     assert f"resuming from out at iteration {saved['iter_num']}" in resumed
     assert f"iter {saved['iter_num'] + 2}:" in resumed
+    # a preemption checkpoint had no eval at its step: eval_only evaluates it, and saves nothing
+    proc = start(cwd, *ARGS, '--eval_interval=1000', '--max_iters=100000', '--always_save_checkpoint=True')
+    wait_for(proc, 'iter 3:')
+    proc.send_signal(signum)
+    proc.communicate(timeout=60)
+    step = torch.load(cwd / 'out' / 'ckpt.pt', weights_only=True)['iter_num']
+    before = (cwd / 'out' / 'ckpt.pt').read_bytes()
+    evaluated = run('train.py', *ARGS, '--init_from=resume', '--eval_only=True', cwd=cwd).stdout
+    assert f"step {step}: train loss" in evaluated
+    assert (cwd / 'out' / 'ckpt.pt').read_bytes() == before
 
 
 def test_sigterm_under_ddp_stops_every_rank(prepared):
