@@ -244,11 +244,6 @@ def main(argv):
         check_resume(cfg, checkpoint, master)
         if master:
             print(f"resuming from {cfg.out_dir} at iteration {iter_num}, best val loss {best_val_loss:.4f}")
-    if cfg.block_size < model.config.block_size:
-        model.crop_block_size(cfg.block_size)
-        model_args['block_size'] = cfg.block_size
-    elif cfg.block_size > model.config.block_size:
-        die(f"block_size {cfg.block_size} is longer than the model's {model.config.block_size}")
     model.to(device)
     if master:
         print(f"model: {model.get_num_params() / 1e6:.2f}M parameters")
@@ -355,7 +350,6 @@ def main(argv):
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
         if cfg.skip_nonfinite and not torch.isfinite(grad_norm):  # a host sync, only with this option
             print(f"iter {iter_num}: gradients are not finite, step skipped")
-            optimizer.zero_grad(set_to_none=True)
         else:
             scaler.step(optimizer)
             loss_sum += step_loss
