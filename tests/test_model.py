@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, load_checkpoint, sample_next
+from model import GPT, GPTConfig, KVCache, Linear, load_checkpoint, sample_next
 
 
 def tiny_config(**overrides):
@@ -102,6 +102,22 @@ def test_bad_checkpoint_files_give_one_line_errors(tmp_path):
     torch.save({'weights': torch.zeros(2)}, tmp_path / 'other.pt')
     with pytest.raises(SystemExit, match="no 'model'"):
         load_checkpoint(str(tmp_path / 'other.pt'))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('bias', [True, False])
+def test_single_row_linear_matches_nn_linear(dtype, bias):
+    torch.manual_seed(0)
+    layer = Linear(48, 80, bias=bias).to(dtype)
+    reference = torch.nn.functional.linear  # the matrix-matrix path every other shape takes
+    for shape in [(1, 1, 48), (1, 48), (48,)]:  # one row: the torch.mv path
+        x = torch.randn(shape, dtype=dtype)
+        assert layer(x).shape == shape[:-1] + (80,)
+        expected = reference(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+        torch.testing.assert_close(layer(x).float(), expected, **({} if dtype == torch.float32 else
+                                                                  dict(atol=2e-2, rtol=2e-2)))
+    x = torch.randn(3, 2, 48, dtype=dtype)
+    assert torch.equal(layer(x), reference(x, layer.weight, layer.bias))
 
 
 def test_kv_cache_forward_equals_full_forward():
