@@ -6,7 +6,8 @@ measured in the same run (absolute times drift on shared machines; ratios don't)
     python bench.py --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --vocab_size=65 --sample_tokens=256
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --vocab_size=50304 --train_steps=0
 
-Training: tokens/s and MFU in the chosen dtype (and compile setting) against float32 eager.
+Training: tokens/s and MFU in the chosen dtype, eager and torch.compile'd (unless --compile=False),
+against float32 eager.
 Sampling: tokens/s of one sample from a 1-token prompt, KV cache and weights in dtype, against
 float32 generation that re-runs the whole context for every token (nanoGPT's generate).
 The data is random tokens: speed does not depend on them.
@@ -92,21 +93,22 @@ def main(argv):
     device = pick_device(cfg.device)
     device_type = device.split(':')[0]
     dtype = pick_dtype(cfg.dtype, device_type)
-    use_compile = cfg.compile if cfg.compile is not None else device_type == 'cuda'
     model_config = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size_of(cfg), n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
     n_params = GPT(model_config).get_num_params() / 1e6
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; model "
           f"{cfg.n_layer}x{cfg.n_embd} ({cfg.n_head} heads), block {cfg.block_size}, vocab {model_config.vocab_size}, "
           f"{n_params:.1f}M parameters")
-    fast_name = f"{dtype}{' compiled' if use_compile else ''}"
     rows = []  # (measure, baseline name, baseline value, ours name, ours value)
     if cfg.train_steps > 0:
         batch = f"batch {cfg.batch_size}x{cfg.gradient_accumulation_steps}"
-        tok_s, mfu = train_speed(cfg, model_config, device, dtype, use_compile)
         base_tok_s, base_mfu = train_speed(cfg, model_config, device, 'float32', False) if cfg.baseline else (None, None)
-        rows.append((f"train tokens/s ({batch})", 'float32 eager', base_tok_s, fast_name, tok_s))
-        rows.append((f"train MFU (of the measured {dtype} peak)", 'float32 eager, of fp32 peak', base_mfu, fast_name, mfu))
+        # eager, and compiled unless --compile=False: compiling pays off in long runs only (it takes a minute)
+        for compiled in [False, True] if cfg.compile is not False else [False]:
+            name = f"{dtype}{' compiled' if compiled else ' eager'}"
+            tok_s, mfu = train_speed(cfg, model_config, device, dtype, compiled)
+            rows.append((f"train tokens/s ({batch})", 'float32 eager', base_tok_s, name, tok_s))
+            rows.append((f"train MFU (of the measured {dtype} peak)", 'float32 eager, of fp32 peak', base_mfu, name, mfu))
     if cfg.sample_tokens > 0:
         tok_s = sample_speed(cfg, model_config, device, dtype, use_cache=True)
         base_tok_s = sample_speed(cfg, model_config, device, 'float32', use_cache=False) if cfg.baseline else None
