@@ -26,13 +26,15 @@ def load_config(defaults, argv):
 
     Every key must exist in defaults and keep its type (an int is fine for a float; a default of
     None takes any value). Values are Python literals, except for str keys where they are taken as
-    written: --out_dir=out-x, --start="a=b".
+    written: --out_dir=out-x, --start="a=b". A bool key without a value is set: --serve means --serve=True.
     """
     config = dict(defaults)
     for arg in argv:
         if arg.startswith('--'):
             key, eq, raw = arg[2:].partition('=')
-            if not eq:
+            if not eq and isinstance(defaults.get(key), bool):
+                raw = 'True'  # a bare --flag turns a bool key on: python sample.py --serve
+            elif not eq:
                 die(f"'{arg}' has no value: write --{key}=VALUE")
             _set(config, defaults, key, _parse_value(raw, defaults.get(key)), arg)
         else:

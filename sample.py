@@ -7,6 +7,11 @@ Sample from a trained model.
 
 With num_samples=1 the text is printed as it is generated; several samples are generated together,
 as one batch, and printed when done.
+
+    python sample.py --out_dir=out-shakespeare-char --serve --port=8000
+
+serves the model over HTTP instead, as OpenAI's completions API (POST /v1/completions, GET /v1/models),
+on 127.0.0.1 unless --host says otherwise (serve.py).
 """
 
 import sys
@@ -17,6 +22,7 @@ import torch
 from common import die, load_config, pick_device, pick_dtype
 from model import load_checkpoint
 from prepare import get_tokenizer, load_meta
+from serve import run_server
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume': the model in out_dir/ckpt.pt
@@ -31,6 +37,10 @@ seed = 1337
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # the weights' dtype: 'auto' (bfloat16 where the hardware has it, else float32), ...
 compile = False  # torch.compile the model's forward pass (pays off for long generations)
+serve = False  # serve the model over HTTP (OpenAI completions API) instead of printing samples
+host = '127.0.0.1'  # the address to listen on: only this machine by default; 0.0.0.0 opens it to the network
+port = 8000  # 0: any free port (printed at start)
+max_tokens_cap = 1024  # the largest max_tokens a request may ask for (past block_size each token is slower)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
@@ -56,6 +66,8 @@ def main(argv):
         die("num_samples and max_new_tokens must be positive")
     if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
         die("temperature and top_k must be >= 0, and top_p in (0, 1]")
+    if cfg.max_tokens_cap <= 0 or not 0 <= cfg.port <= 65535:
+        die("max_tokens_cap must be positive and port in 0..65535")
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device.split(':')[0])
     torch.manual_seed(cfg.seed)
@@ -65,6 +77,8 @@ def main(argv):
     model.eval().to(getattr(torch, dtype))
     if cfg.compile:
         model.forward = torch.compile(model.forward, dynamic=True)
+    if cfg.serve:
+        return run_server(cfg, model, encode, decode, device)
 
     prompt = cfg.start
     if prompt.startswith('FILE:'):

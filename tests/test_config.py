@@ -22,6 +22,7 @@ def test_values_are_python_literals_widened_and_strings_taken_as_written():
     assert load_config(DEFAULTS, ['--bias=false'])['bias'] is False
     assert load_config(DEFAULTS, ['--compile=false'])['compile'] is False  # not the (truthy) string 'false'
     assert load_config(DEFAULTS, ['--compile=none'])['compile'] is None
+    assert load_config(DEFAULTS, ['--bias'])['bias'] is True  # a bare bool flag
 
 
 @pytest.mark.parametrize('argv,message', [

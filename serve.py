@@ -1,0 +1,255 @@
+"""
+Serve a model over HTTP as OpenAI's completions API, with the standard library only:
+
+    python sample.py --out_dir=out-shakespeare-char --serve --port=8000
+
+POST /v1/completions takes prompt, max_tokens, temperature, top_p, n, stop, seed, stream (server-sent
+events, one per token) and top_k (ours); GET /v1/models lists the one model. Requests are handled in
+threads, but generation runs in the main thread, one request at a time, so outputs never mix and a
+seed gives the same text every time. The n completions of a request are one batch through the KV-cached generate_stream.
+
+Choices where OpenAI's API leaves room: an empty prompt is a 400 (sample.py refuses one too); a prompt
+longer than block_size is not refused: the model sees its last block_size tokens, as in sample.py, and
+usage counts all of them; text that might be the start of a stop sequence is held back from a stream
+until it is known not to be one.
+"""
+
+import json
+import queue
+import time
+import traceback
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from threading import Thread
+from types import SimpleNamespace
+from urllib.parse import urlsplit
+
+import torch
+
+from common import die
+
+MAX_N = 16  # completions per request: n samples are one batch, so memory and time grow with n
+MAX_STOPS = 4  # stop sequences per request, as OpenAI
+MAX_BODY = 1 << 20  # bytes of JSON a request may send
+
+
+class BadRequest(Exception):
+    def __init__(self, message, param=None):
+        super().__init__(message)
+        self.param = param
+
+
+def parse_request(body, encode, vocab_size, max_tokens_cap):
+    """Check a completions request (parsed JSON) -> (prompt token ids, dict of settings) or raise BadRequest.
+
+    Defaults are OpenAI's; top_k is ours (0: off). Unknown fields are ignored, and null means the default,
+    as OpenAI's clients send it for unset fields.
+    """
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+
+    def field(name, types, default, ok, expected):
+        value = body.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, types) or isinstance(value, bool) != (types is bool) or not ok(value):
+            raise BadRequest(f"'{name}' must be {expected}, got {json.dumps(value)}", name)
+        return value
+
+    number = (int, float)
+    req = dict(
+        max_tokens=field('max_tokens', int, 16, lambda v: 1 <= v <= max_tokens_cap,
+                         f"an integer in 1..{max_tokens_cap}"),
+        temperature=field('temperature', number, 1.0, lambda v: 0 <= v < float('inf'), "a number >= 0"),
+        top_p=field('top_p', number, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        top_k=field('top_k', int, 0, lambda v: v >= 0, "an integer >= 0 (0: off)"),
+        n=field('n', int, 1, lambda v: 1 <= v <= MAX_N, f"an integer in 1..{MAX_N}"),
+        seed=field('seed', int, None, lambda v: -2**63 <= v < 2**64, "a 64-bit integer"),
+        stream=field('stream', bool, False, lambda v: True, "true or false"),
+    )
+    stop = field('stop', (str, list), [], lambda v: isinstance(v, str) or (
+        len(v) <= MAX_STOPS and all(isinstance(s, str) for s in v)), f"a string or a list of up to {MAX_STOPS} strings")
+    req['stop'] = [s for s in ([stop] if isinstance(stop, str) else stop) if s]  # an empty string stops nothing
+
+    prompt = body.get('prompt')
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one prompt
+    if isinstance(prompt, str):
+        try:
+            ids = encode(prompt)
+        except SystemExit as e:  # the tokenizer's one-line error: a character outside a char vocabulary
+            raise BadRequest(str(e).removeprefix('error: '), 'prompt')
+    elif isinstance(prompt, list) and all(type(t) is int and 0 <= t < vocab_size for t in prompt):
+        ids = prompt
+    else:
+        raise BadRequest(f"'prompt' must be a string, or a list of token ids in 0..{vocab_size - 1}", 'prompt')
+    if not ids:
+        raise BadRequest("'prompt' is empty: give at least one token (a newline, say)", 'prompt')
+    return ids, req
+
+
+def held_back(text, stops):
+    """Length of the longest end of text that could be the start of a stop sequence: not sent yet."""
+    for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+        if any(s.startswith(text[-k:]) for s in stops):
+            return k
+    return 0
+
+
+def complete(model, decode, device, ids, req):
+    """Generate the request's n completions as one batch; yield (index, new text, finish_reason, tokens).
+
+    finish_reason is None until a sample ends ('stop' or 'length'), tokens is how many it has generated.
+    Only one runs at a time (generation_loop): seeding the global RNG here makes the seed alone decide the text.
+    """
+    n, stops = req['n'], req['stop']
+    # the model sees the last block_size tokens anyway (as sample.py); dropping the rest here saves memory
+    x = torch.tensor(ids[-model.config.block_size:], dtype=torch.long, device=device)[None, :].repeat(n, 1)
+    if req['seed'] is not None:
+        torch.manual_seed(req['seed'])  # sample_next draws from the global RNG
+    stream = model.generate_stream(x, req['max_tokens'], req['temperature'], req['top_k'] or None, req['top_p'])
+    new_ids, sent, done = [[] for _ in range(n)], [0] * n, [False] * n  # sent: characters already yielded
+    for step, tokens in enumerate(stream, 1):
+        last = step == req['max_tokens']
+        for i, token in enumerate(tokens[:, 0].tolist()):
+            if done[i]:
+                continue  # a stopped sample rides along in the batch until all have stopped
+            new_ids[i].append(token)
+            text = decode(new_ids[i])
+            if text.endswith('\ufffd') and not last:
+                continue  # wait for the rest of a character split across tokens
+            found = [j for j in (text.find(s) for s in stops) if j >= 0]
+            if found:
+                done[i] = True
+                yield i, text[sent[i]:min(found)], 'stop', len(new_ids[i])
+            elif last:
+                yield i, text[sent[i]:], 'length', len(new_ids[i])
+            else:
+                end = len(text) - held_back(text, stops)
+                yield i, text[sent[i]:end], None, len(new_ids[i])
+                sent[i] = end
+        if all(done):
+            return  # stops generate_stream
+
+
+class CompletionServer(ThreadingHTTPServer):
+    daemon_threads = True  # Ctrl-C does not wait for clients still connected
+    request_queue_size = 64  # connections waiting to be accepted; the default 5 drops bursts of clients
+
+
+class CompletionHandler(BaseHTTPRequestHandler):
+    timeout = 60  # seconds a client may stall a read or a write before it is dropped
+
+    def send_json(self, status, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error_json(self, status, message, type='invalid_request_error', param=None):
+        self.send_json(status, {'error': {'message': message, 'type': type, 'param': param, 'code': None}})
+
+    def do_GET(self):
+        app = self.server.app
+        if urlsplit(self.path).path.rstrip('/') == '/v1/models':
+            model = {'id': app.name, 'object': 'model', 'created': app.created, 'owned_by': 'gptforge'}
+            self.send_json(200, {'object': 'list', 'data': [model]})
+        else:
+            self.send_error_json(404, f"no such path: GET {self.path} (try /v1/models)", 'not_found_error')
+
+    def do_POST(self):
+        app = self.server.app
+        if urlsplit(self.path).path.rstrip('/') != '/v1/completions':
+            return self.send_error_json(404, f"no such path: POST {self.path} (try /v1/completions)", 'not_found_error')
+        try:
+            length = self.headers.get('Content-Length', '')
+            if not length.isdigit() or int(length) > MAX_BODY:
+                raise BadRequest(f"send a JSON body of at most {MAX_BODY} bytes, with its Content-Length")
+            try:
+                body = json.loads(self.rfile.read(int(length)))
+            except ValueError as e:
+                raise BadRequest(f"the body is not valid JSON: {e}")
+            ids, req = parse_request(body, app.encode, app.model.config.vocab_size, app.max_tokens_cap)
+        except BadRequest as e:
+            return self.send_error_json(400, str(e), param=e.param)
+
+        head = {'id': f'cmpl-{uuid.uuid4().hex}', 'object': 'text_completion', 'created': int(time.time()),
+                'model': app.name}
+        job = SimpleNamespace(ids=ids, req=req, events=queue.Queue(), cancelled=False, error=None)
+        app.jobs.put(job)  # generated by the main thread (generation_loop), which passes the events back
+        try:
+            if req['stream']:
+                self.send_response(200)
+                self.send_header('Content-Type', 'text/event-stream')
+                self.send_header('Cache-Control', 'no-cache')
+                self.end_headers()
+                for i, text, finish_reason, _ in iter(job.events.get, None):
+                    if text or finish_reason:
+                        choice = {'text': text, 'index': i, 'logprobs': None, 'finish_reason': finish_reason}
+                        self.wfile.write(f"data: {json.dumps({**head, 'choices': [choice]})}\n\n".encode())
+                if job.error:
+                    error = {'error': {'message': job.error, 'type': 'server_error'}}
+                    self.wfile.write(f"data: {json.dumps(error)}\n\n".encode())
+                else:
+                    self.wfile.write(b'data: [DONE]\n\n')
+            else:
+                texts, finish, tokens = [''] * req['n'], [None] * req['n'], [0] * req['n']
+                for i, text, finish_reason, n_tokens in iter(job.events.get, None):
+                    texts[i], finish[i], tokens[i] = texts[i] + text, finish_reason, n_tokens
+                if job.error:
+                    return self.send_error_json(500, job.error, 'server_error')
+                choices = [{'text': t, 'index': i, 'logprobs': None, 'finish_reason': f}
+                           for i, (t, f) in enumerate(zip(texts, finish))]
+                usage = {'prompt_tokens': len(ids), 'completion_tokens': sum(tokens),
+                         'total_tokens': len(ids) + sum(tokens)}
+                self.send_json(200, {**head, 'choices': choices, 'usage': usage})
+        except (ConnectionError, TimeoutError):
+            job.cancelled = True  # the client is gone: its generation stops at the next token
+            self.close_connection = True
+            self.log_message('"%s" client went away mid-response', self.requestline)
+
+
+def generation_loop(app):
+    """Run the queued requests' generations one at a time, for ever.
+
+    This runs in the main thread, and torch only ever runs here: one model call at a time, so outputs
+    never mix and a seed decides the text, and Ctrl-C stops the server between two tokens, as it stops
+    sample.py. (A handler thread still inside torch when Python exits can abort the process.)
+    """
+    while True:
+        job = app.jobs.get()
+        try:
+            for event in complete(app.model, app.decode, app.device, job.ids, job.req):
+                if job.cancelled:
+                    break
+                job.events.put(event)
+        except Exception as e:  # out of memory, say: this request fails, the server goes on
+            traceback.print_exc()
+            job.error = f"generation failed: {type(e).__name__}: {e}"
+        job.events.put(None)
+
+
+def run_server(cfg, model, encode, decode, device):
+    """Answer completion requests on cfg.host:cfg.port until Ctrl-C."""
+    try:
+        server = CompletionServer((cfg.host, cfg.port), CompletionHandler)
+    except OSError as e:
+        die(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}): pick another --port or --host")
+    server.app = SimpleNamespace(model=model, encode=encode, decode=decode, device=device, jobs=queue.Queue(),
+                                 name=cfg.out_dir, created=int(time.time()), max_tokens_cap=cfg.max_tokens_cap)
+    host, port = server.server_address[:2]
+    print(f"serving {cfg.out_dir} on http://{host}:{port}/v1 (POST /v1/completions, GET /v1/models); Ctrl-C stops",
+          flush=True)
+    if host not in ('127.0.0.1', 'localhost'):
+        print(f"warning: listening on {host}, without authentication: anyone who can reach it can use the model",
+              flush=True)
+    Thread(target=server.serve_forever, daemon=True).start()  # accepts connections; a thread per request
+    try:
+        generation_loop(server.app)
+    except KeyboardInterrupt:
+        print("\nserver stopped", flush=True)
+    finally:
+        server.shutdown()
+        server.server_close()
