@@ -48,8 +48,8 @@ def train_speed(cfg, model_config, device, dtype, use_compile):
     """(tokens/s, MFU) of train_steps optimizer steps, as train.py takes them."""
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           device.split(':')[0])
+    optimizers = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                            device.split(':')[0], cfg.muon_lr if cfg.optimizer == 'muon' else 0.0)
     step_model = torch.compile(model) if use_compile else model
     ctx = autocast_context(device.split(':')[0], dtype)
     data = np.random.default_rng(cfg.seed).integers(0, model_config.vocab_size, 100_000).astype(np.int64)
@@ -64,8 +64,9 @@ def train_speed(cfg, model_config, device, dtype, use_compile):
                 _, loss = step_model(x, y)
             (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     synchronize(device)
     dt = (time.perf_counter() - t0) / cfg.train_steps
     peak = measure_peak_flops(device, dtype)
@@ -93,8 +94,8 @@ def main(argv):
     device = pick_device(cfg.device)
     device_type = device.split(':')[0]
     dtype = pick_dtype(cfg.dtype, device_type)
-    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size_of(cfg), n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    model_config = GPTConfig(**{key: getattr(cfg, key) for key in train.MODEL_KEYS + ('dropout',)},
+                             vocab_size=vocab_size_of(cfg))
     n_params = GPT(model_config).get_num_params() / 1e6
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; model "
           f"{cfg.n_layer}x{cfg.n_embd} ({cfg.n_head} heads), block {cfg.block_size}, vocab {model_config.vocab_size}, "
@@ -116,7 +117,7 @@ def main(argv):
                      f"{dtype} KV cache", tok_s))
 
     def fmt(v, is_mfu):
-        return '-' if v is None else (f"{v * 100:.1f}%" if is_mfu else f"{v:,.1f}")
+        return '-' if v is None else (f"{v * 100:.3g}%" if is_mfu else f"{v:,.1f}")
     print("\n| measure | baseline | baseline value | gptforge | gptforge value | ratio |")
     print("|---|---|---|---|---|---|")
     for what, base_name, base, ours_name, ours in rows:

@@ -54,6 +54,18 @@ class Linear(nn.Linear):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+def norm_layer(config):
+    """The normalisation before each sub-block and at the end: GPT-2's LayerNorm, or RMSNorm."""
+    return nn.RMSNorm(config.n_embd) if config.norm == 'rmsnorm' else nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each head's (first half, second half) coordinate pairs by position-dependent angles.
+    x (B, nh, T, hs); cos, sin (T, hs/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -65,13 +77,18 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x, cache=None, layer=0, rope=None):
         B, T, C = x.size()  # batch, sequence length, n_embd
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:  # unit-RMS queries and keys keep attention logits bounded at high learning rates
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rope is not None:  # rotary embeddings: position enters as a rotation of queries and keys
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         is_causal, mask = True, None
         if cache is not None:
             start = cache.pos
@@ -91,25 +108,27 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
         self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.relu2 = config.activation == 'relu2'
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        x = self.c_fc(x)
+        x = F.relu(x).square() if self.relu2 else F.gelu(x)  # ReLU squared: cheaper, and trains faster
+        return self.dropout(self.c_proj(x))
 
 
 class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm_layer(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm_layer(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)  # pre-norm residual blocks
+    def forward(self, x, cache=None, layer=0, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, rope)  # pre-norm residual blocks
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -123,6 +142,15 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linears and LayerNorms, as GPT-2; False is a bit better and faster
+    # options from the NanoGPT speedrun; the defaults are GPT-2's architecture, whose checkpoints load as they are
+    rope: bool = False  # rotary position embeddings instead of learned absolute ones (then there is no wpe)
+    rope_base: float = 10000.0  # the rotation frequencies are rope_base ** (-2i / head_size)
+    norm: str = 'layernorm'  # 'layernorm' (GPT-2) or 'rmsnorm'
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys
+    activation: str = 'gelu'  # 'gelu' (GPT-2) or 'relu2' (ReLU squared)
+    tie_embeddings: bool = True  # the output head is the token embedding matrix, as GPT-2
+    logit_softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap), smoothly bounded
+    zero_init: bool = False  # the projections into the residual stream (and an untied head) start at zero
 
 
 class GPT(nn.Module):
@@ -132,19 +160,29 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **({} if config.rope else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=norm_layer(config),
         ))
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings, as GPT-2
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings, as GPT-2
+        if config.rope:  # cos and sin of every (position, frequency): (block_size, head_size / 2) each
+            head_size = config.n_embd // config.n_head
+            freqs = config.rope_base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+            angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), freqs)
+            self.register_buffer('rope_cos', angles.cos(), persistent=False)  # recomputed, not saved
+            self.register_buffer('rope_sin', angles.sin(), persistent=False)
 
         self.apply(self._init_weights)
         # GPT-2 scales the init of the projections into the residual stream by 1/sqrt(number of them)
         for name, p in self.named_parameters():
             if name.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            if config.zero_init and (name.endswith('c_proj.weight') or name == 'lm_head.weight' and
+                                     not config.tie_embeddings):
+                torch.nn.init.zeros_(p)  # each block starts as the identity, the untied head predicts uniform
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -153,10 +191,13 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(module.bias)
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count; by default without the position embeddings (the token ones are the head)."""
+        """Parameter count; by default without the embeddings that are lookups rather than matmuls: the
+        position embeddings, and the token embeddings when they are not also the head."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and not self.config.rope:
             n_params -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n_params -= self.transformer.wte.weight.numel()
         return n_params
 
     def forward(self, idx, targets=None, cache=None):
@@ -164,39 +205,58 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         assert start + T <= self.config.block_size, \
             f"cannot forward {start + T} positions, block_size is {self.config.block_size}"
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.rope:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, hs/2) each
+        else:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+        x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, rope)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.pos += T
 
         if targets is not None:
-            logits = self.lm_head(x)  # (B, T, vocab_size)
+            logits = self.softcap(self.lm_head(x))  # (B, T, vocab_size)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:
-            logits = self.lm_head(x[:, [-1], :])  # (B, 1, vocab_size): only the last position is needed
+            logits = self.softcap(self.lm_head(x[:, [-1], :]))  # (B, 1, vocab_size): only the last position
             loss = None
         return logits, loss
+
+    def softcap(self, logits):
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def crop_block_size(self, block_size):
         """Shrink the context length, e.g. to fine-tune GPT-2 (1024) on shorter blocks."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if self.config.rope:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+        else:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon_lr=0.0):
+        """[AdamW], or with muon_lr > 0 [AdamW, Muon]: Muon for the blocks' weight matrices (it
+        orthogonalises their updates), AdamW for the embeddings, the head, biases and norms."""
         # decay the weight matrices only: not embeddings (the head is tied to wte), biases or norms
         embeddings = {'transformer.wte.weight', 'transformer.wpe.weight'}
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        decay = [p for n, p in params if p.dim() >= 2 and n not in embeddings]
-        no_decay = [p for n, p in params if p.dim() < 2 or n in embeddings]
+        hidden = {n for n, p in params if muon_lr > 0 and p.dim() == 2 and n.startswith('transformer.h.')}
+        decay = [p for n, p in params if p.dim() >= 2 and n not in embeddings and n not in hidden]
+        no_decay = [p for n, p in params if (p.dim() < 2 or n in embeddings) and n not in hidden]
         groups = [{'params': decay, 'weight_decay': weight_decay},
                   {'params': no_decay, 'weight_decay': 0.0}]
         # the fused kernel does the whole update in one pass over the parameters
         fused = device_type in ('cuda', 'cpu') and 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
+        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))]
+        if hidden:
+            optimizers.append(torch.optim.Muon([p for n, p in params if n in hidden], lr=muon_lr,
+                                               weight_decay=weight_decay))
+        return optimizers
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops, seq_len=None):
         """Model FLOPs utilization: achieved FLOP/s over peak_flops (PaLM paper, appendix B)."""

@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import fields
 from types import SimpleNamespace
 
 import numpy as np
@@ -52,16 +53,29 @@ n_head = 12
 n_embd = 768
 dropout = 0.0  # 0 for pretraining, 0.1+ for fine-tuning
 bias = False  # biases in Linears and LayerNorms?
-# AdamW optimizer
-learning_rate = 6e-4  # the maximum learning rate
+# options from the NanoGPT speedrun (model.py's GPTConfig says what each does); these defaults are GPT-2
+rope = False
+rope_base = 10000.0
+norm = 'layernorm'  # or 'rmsnorm'
+qk_norm = False
+activation = 'gelu'  # or 'relu2'
+tie_embeddings = True
+logit_softcap = 0.0  # 0: off
+zero_init = False
+# optimizer: AdamW, or Muon for the blocks' weight matrices and AdamW for the rest
+optimizer = 'adamw'  # 'adamw' or 'muon'
+learning_rate = 6e-4  # the maximum learning rate (of AdamW)
+muon_lr = 0.02  # the maximum learning rate of Muon, which follows the same schedule
 max_iters = 600000  # optimizer steps in all
 weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip gradients at this norm, 0.0 to disable
 skip_nonfinite = False  # skip steps whose gradients are inf/nan (checked every step) instead of stopping
-# learning rate schedule: linear warmup, then cosine decay down to min_lr
+# learning rate schedule: linear warmup, then down to min_lr at lr_decay_iters
 decay_lr = True
+lr_schedule = 'cosine'  # 'cosine', or 'wsd' (warmup-stable-decay: constant, then linear over the last cooldown_frac)
+cooldown_frac = 0.4
 warmup_iters = 2000
 lr_decay_iters = 600000  # ~= max_iters per Chinchilla
 min_lr = 6e-5  # ~= learning_rate/10 per Chinchilla
@@ -93,17 +107,22 @@ def batch_rng(seed, *step):
     return np.random.default_rng((seed, *step))
 
 
-MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'bias', 'block_size')  # what a resumed run may not change
+# the model's shape: what a resumed run may not change (dropout may; the vocabulary comes from the data)
+MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name not in ('dropout', 'vocab_size'))
 
 
 def get_lr(it, cfg):
-    """Linear warmup (non-zero at step 0), cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """Linear warmup (non-zero at step 0), decay to min_lr at lr_decay_iters (cosine, or constant then
+    linear for 'wsd'), then min_lr."""
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it >= cfg.lr_decay_iters:
         return cfg.min_lr
     decay_ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # from 1 down to 0
+    if cfg.lr_schedule == 'wsd':
+        coeff = min(1.0, (1.0 - decay_ratio) / cfg.cooldown_frac)  # 1 until the cooldown, then down to 0
+    else:
+        coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # from 1 down to 0
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
@@ -145,9 +164,10 @@ def check_resume(cfg, checkpoint, master):
     """A resumed run keeps the model's shape; training keys may change, and the change is logged."""
     model_args, saved = checkpoint['model_args'], checkpoint.get('config', {})
     for key in MODEL_KEYS:
-        if key in model_args and getattr(cfg, key) != model_args[key]:
-            die(f"the checkpoint in {cfg.out_dir} has {key}={model_args[key]!r}, this run asks for "
-                f"{key}={getattr(cfg, key)!r}: resume with the run's own config (or --{key}={model_args[key]!r}), "
+        saved_value = model_args.get(key, getattr(GPTConfig, key))  # older checkpoints: the default
+        if getattr(cfg, key) != saved_value:
+            die(f"the checkpoint in {cfg.out_dir} has {key}={saved_value!r}, this run asks for "
+                f"{key}={getattr(cfg, key)!r}: resume with the run's own config (or --{key}={saved_value!r}), "
                 "or start from scratch in another out_dir")
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in vars(cfg).items()
                if k in saved and saved[k] != v and k not in ('init_from', 'eval_only')]
@@ -166,6 +186,12 @@ def check_config(cfg):
             die(f"{key} must be positive, got {getattr(cfg, key)}")
     if cfg.init_from not in ('scratch', 'resume'):
         die(f"init_from must be 'scratch' or 'resume', got '{cfg.init_from}'")
+    for key, choices in (('norm', ('layernorm', 'rmsnorm')), ('activation', ('gelu', 'relu2')),
+                         ('optimizer', ('adamw', 'muon')), ('lr_schedule', ('cosine', 'wsd'))):
+        if getattr(cfg, key) not in choices:
+            die(f"{key} must be one of {', '.join(choices)}, got '{getattr(cfg, key)}'")
+    if cfg.rope and (cfg.n_embd // cfg.n_head) % 2:
+        die(f"rope rotates pairs of coordinates: the head size n_embd / n_head ({cfg.n_embd // cfg.n_head}) must be even")
 
 
 def open_dataset(cfg):
@@ -226,9 +252,8 @@ def main(argv):
         # GPT-2's 50257 tokens padded to 50304, a multiple of 64, makes the head's matmul faster
         vocab_size = meta['vocab_size']
         padded = math.ceil(vocab_size / 64) * 64
-        model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          bias=cfg.bias, dropout=cfg.dropout,
-                          vocab_size=padded if padded - vocab_size < 0.01 * vocab_size else vocab_size)
+        model_args = {key: getattr(cfg, key) for key in MODEL_KEYS + ('dropout',)}
+        model_args['vocab_size'] = padded if padded - vocab_size < 0.01 * vocab_size else vocab_size
         model = GPT(GPTConfig(**model_args))
     else:
         model, checkpoint = load_checkpoint(cfg.out_dir, device)
@@ -250,13 +275,15 @@ def main(argv):
 
     # GradScaler only does something for float16, whose gradients underflow without it
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    optimizers = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                            device_type, muon_lr=cfg.muon_lr if cfg.optimizer == 'muon' else 0.0)
     if checkpoint is not None:
         try:
-            optimizer.load_state_dict(checkpoint['optimizer'])
-        except ValueError:  # nanoGPT also decays the embeddings: its parameter groups differ from ours
-            print("warning: the checkpoint's optimizer state has other parameter groups (nanoGPT's?): "
-                  "AdamW starts afresh, so this resume is not exact")
+            for optimizer, key in zip(optimizers, ('optimizer', 'muon_optimizer')):
+                optimizer.load_state_dict(checkpoint[key])
+        except (ValueError, KeyError):  # nanoGPT also decays the embeddings; or the optimizer changed
+            print("warning: the checkpoint's optimizer state has other parameter groups (nanoGPT's, or "
+                  "another optimizer's): the optimizer starts afresh, so this resume is not exact")
         if 'scaler' in checkpoint:
             scaler.load_state_dict(checkpoint['scaler'])
     # a checkpoint saved at an eval has had this step's eval (a preemption checkpoint has not)
@@ -280,7 +307,8 @@ def main(argv):
     ckpt_path, best_path = os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'best.pt')
 
     def make_checkpoint(is_best, preempted=False):
-        return {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
+        states = dict(zip(('optimizer', 'muon_optimizer'), (opt.state_dict() for opt in optimizers)))
+        return {'model': raw_model.state_dict(), **states, 'model_args': model_args,
                 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': vars(cfg), 'meta': meta,
                 'scaler': scaler.state_dict(), 'is_best': is_best, 'preempted': preempted}
 
@@ -305,8 +333,9 @@ def main(argv):
     loss_sum = torch.zeros((), device=device)
     while True:
         lr = get_lr(iter_num, cfg) if cfg.decay_lr else cfg.learning_rate
-        for group in optimizer.param_groups:
-            group['lr'] = lr
+        for optimizer, opt_lr in zip(optimizers, (lr, lr * cfg.muon_lr / cfg.learning_rate)):
+            for group in optimizer.param_groups:
+                group['lr'] = opt_lr
 
         if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only) \
                 and iter_num != resumed_at and master:
@@ -346,15 +375,18 @@ def main(argv):
             scaler.scale(loss).backward()
             step_loss += loss.detach()
         if cfg.grad_clip != 0.0 or cfg.skip_nonfinite:
-            scaler.unscale_(optimizer)
+            for optimizer in optimizers:
+                scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
         if cfg.skip_nonfinite and not torch.isfinite(grad_norm):  # a host sync, only with this option
             print(f"iter {iter_num}: gradients are not finite, step skipped")
         else:
-            scaler.step(optimizer)
+            for optimizer in optimizers:
+                scaler.step(optimizer)
             loss_sum += step_loss
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         iter_num += 1
 
         stop = bool(stop_requests)

@@ -189,7 +189,7 @@ def test_sample_next():
 
 def test_configure_optimizers_decays_only_matrices():
     model = GPT(tiny_config())
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    [optimizer] = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
     decay, no_decay = optimizer.param_groups
     assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
     decayed = {id(p) for p in decay['params']}
