@@ -1,0 +1,93 @@
+"""
+What each speedrun option is worth on your machine: the val loss after the same training time, for
+each option added alone to the GPT-2 recipe and removed alone from the speedrun config.
+
+    python ablate.py                  # 20 s of training per run, 20 runs: about 10 minutes
+    python ablate.py --seconds=60 --options=rope,muon
+
+Each run's number of steps comes from its own speed, measured first (bench.py's train_speed), so every
+run trains for about `seconds`; its schedule (warmup, decay) is its config's, scaled to those steps.
+Prints a markdown table; the data must be prepared (python prepare.py shakespeare_char).
+"""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import bench
+import train
+from common import die, load_config, pick_device, pick_dtype
+from model import GPTConfig
+
+# -----------------------------------------------------------------------------
+baseline = 'config/train_shakespeare_char_cpu.py'  # GPT-2's architecture, AdamW, cosine schedule
+speedrun = 'config/speedrun_shakespeare_char_cpu.py'  # every option on
+seconds = 20.0  # training time per run
+options = 'all'  # comma-separated names from OPTIONS, or 'all'
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str))}
+
+# the keys each option sets in the speedrun config; the baseline's values are its 'off'
+OPTIONS = {
+    'rope': ['rope', 'rope_base'],
+    'rmsnorm': ['norm'],
+    'qk_norm': ['qk_norm'],
+    'relu2': ['activation'],
+    'untied head': ['tie_embeddings'],
+    'logit softcap': ['logit_softcap'],
+    'zero init': ['zero_init'],
+    'muon': ['optimizer', 'muon_lr', 'learning_rate', 'weight_decay', 'beta2'],
+    'wsd schedule': ['lr_schedule', 'cooldown_frac', 'min_lr'],
+}
+
+
+def train_for(config, seconds):
+    """Train config (a dict of train.py keys) for about `seconds` -> (val loss, steps, wall seconds of the run)."""
+    cfg = SimpleNamespace(**config, vocab_size=0, warmup_steps=2, train_steps=8)
+    model_config = GPTConfig(**{key: config[key] for key in train.MODEL_KEYS + ('dropout',)},
+                             vocab_size=bench.vocab_size_of(cfg))
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device.split(':')[0])
+    tokens_per_s, _ = bench.train_speed(cfg, model_config, device, dtype, use_compile=False)
+    steps = max(10, int(seconds * tokens_per_s / (cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size)))
+    scale = steps / config['max_iters']  # the config's schedule, shrunk or stretched to `steps`
+    run = {**config, 'max_iters': steps, 'lr_decay_iters': steps, 'eval_interval': steps,
+           'warmup_iters': round(config['warmup_iters'] * scale), 'out_dir': os.path.join('out-ablate', 'run'),
+           'always_save_checkpoint': False, 'log_interval': steps}
+    args = [f"--{k}={v}" for k, v in run.items() if v != train.DEFAULTS[k]]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, 'train.py', *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        die(f"train.py {' '.join(args)} failed:\n{proc.stderr.strip()}")
+    val_loss = float(re.findall(r'val loss ([\d.]+)', proc.stdout)[-1])
+    return val_loss, steps, time.perf_counter() - t0
+
+
+def main(argv):
+    cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
+    base, fast = (load_config(train.DEFAULTS, [path]) for path in (cfg.baseline, cfg.speedrun))
+    names = list(OPTIONS) if cfg.options == 'all' else [n.strip() for n in cfg.options.split(',')]
+    unknown = [n for n in names if n not in OPTIONS]
+    if unknown:
+        die(f"unknown option(s) {', '.join(unknown)}: pick from {', '.join(OPTIONS)}")
+    print(f"{cfg.seconds:g} s of training per run; baseline {cfg.baseline}, speedrun {cfg.speedrun}")
+    runs = [('GPT-2 recipe (baseline)', base)]
+    runs += [(f"baseline + {name}", {**base, **{k: fast[k] for k in OPTIONS[name]}}) for name in names]
+    runs += [('speedrun (every option)', fast)]
+    runs += [(f"speedrun - {name}", {**fast, **{k: base[k] for k in OPTIONS[name]}}) for name in names]
+    rows = []
+    for label, config in runs:
+        val_loss, steps, wall = train_for(config, cfg.seconds)
+        rows.append((label, val_loss, steps, wall))
+        print(f"{label}: val loss {val_loss:.4f} after {steps} steps ({wall:.0f} s with start-up and evals)", flush=True)
+    print("\n| run | val loss | steps | wall s (whole run) |\n|---|---|---|---|")
+    for label, val_loss, steps, wall in rows:
+        print(f"| {label} | {val_loss:.4f} | {steps} | {wall:.0f} |")
+    return rows
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
