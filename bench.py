@@ -5,14 +5,19 @@ measured in the same run (absolute times drift on shared machines; ratios don't)
     python bench.py config/train_shakespeare_char_cpu.py
     python bench.py --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --vocab_size=65 --sample_tokens=256
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --vocab_size=50304 --train_steps=0
+    python bench.py --init_from=gpt2 --block_size=256 --batch_size=4 --gradient_accumulation_steps=1 --lora_rank=8
 
 Training: tokens/s and MFU in the chosen dtype, eager and torch.compile'd (unless --compile=False),
 against float32 eager.
 Sampling: tokens/s of one sample from a 1-token prompt, KV cache and weights in dtype, against
 float32 generation that re-runs the whole context for every token (nanoGPT's generate).
+init_from (as in train.py: gpt2, a Hub repository, a checkpoint) measures that model instead of a new
+one. With lora_rank > 0, training is LoRA's against full fine-tuning, both in dtype, with the trainable
+parameters and the memory AdamW's state takes.
 The data is random tokens: speed does not depend on them.
 """
 
+import copy
 import sys
 import time
 from types import SimpleNamespace
@@ -22,7 +27,7 @@ import torch
 
 import train
 from common import autocast_context, load_config, measure_peak_flops, pick_device, pick_dtype, synchronize
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, add_lora, load_model, merge_lora
 from prepare import load_meta
 
 DEFAULTS = {
@@ -44,15 +49,17 @@ def vocab_size_of(cfg):
         return 50304
 
 
-def train_speed(cfg, model_config, device, dtype, use_compile):
-    """(tokens/s, MFU) of train_steps optimizer steps, as train.py takes them."""
-    torch.manual_seed(cfg.seed)
-    model = GPT(model_config).to(device)
+def train_speed(cfg, model, device, dtype, use_compile, lora_rank=0):
+    """(tokens/s, MFU, trainable parameters, bytes of AdamW state) of train_steps optimizer steps, as
+    train.py takes them."""
+    model = model.to(device)
+    if lora_rank > 0:
+        add_lora(model, lora_rank, cfg.lora_alpha, cfg.lora_dropout, train.lora_settings(cfg)['targets'])
     optimizers = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                             device.split(':')[0], cfg.muon_lr if cfg.optimizer == 'muon' else 0.0)
     step_model = torch.compile(model) if use_compile else model
     ctx = autocast_context(device.split(':')[0], dtype)
-    data = np.random.default_rng(cfg.seed).integers(0, model_config.vocab_size, 100_000).astype(np.int64)
+    data = np.random.default_rng(cfg.seed).integers(0, model.config.vocab_size, 100_000).astype(np.int64)
     accum = cfg.gradient_accumulation_steps
     for step in range(cfg.warmup_steps + cfg.train_steps):
         if step == cfg.warmup_steps:
@@ -71,13 +78,15 @@ def train_speed(cfg, model_config, device, dtype, use_compile):
     dt = (time.perf_counter() - t0) / cfg.train_steps
     peak = measure_peak_flops(device, dtype)
     mfu = model.estimate_mfu(cfg.batch_size * accum, dt, peak, cfg.block_size)
-    return cfg.batch_size * accum * cfg.block_size / dt, mfu
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    state_bytes = sum(t.numel() * t.element_size() for optimizer in optimizers
+                      for state in optimizer.state.values() for t in state.values())
+    return cfg.batch_size * accum * cfg.block_size / dt, mfu, trainable, state_bytes
 
 
-def sample_speed(cfg, model_config, device, dtype, use_cache):
+def sample_speed(cfg, model, device, dtype, use_cache):
     """tokens/s of one sample of sample_tokens new tokens after a 1-token prompt."""
-    torch.manual_seed(cfg.seed)
-    model = GPT(model_config).to(device).eval().to(getattr(torch, dtype))
+    model = model.to(device).eval().to(getattr(torch, dtype))
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
     list(model.generate_stream(prompt, 4, use_cache=use_cache))  # warm up
     synchronize(device)
@@ -94,30 +103,52 @@ def main(argv):
     device = pick_device(cfg.device)
     device_type = device.split(':')[0]
     dtype = pick_dtype(cfg.dtype, device_type)
-    model_config = GPTConfig(**{key: getattr(cfg, key) for key in train.MODEL_KEYS + ('dropout',)},
-                             vocab_size=vocab_size_of(cfg))
-    n_params = GPT(model_config).get_num_params() / 1e6
+    use_compile = cfg.compile if cfg.compile is not None else device_type == 'cuda'
+    if cfg.init_from == 'scratch':
+        base = None
+        model_config = GPTConfig(**{key: getattr(cfg, key) for key in train.MODEL_KEYS + ('dropout',)},
+                                 vocab_size=vocab_size_of(cfg))
+    else:  # init_from's model, its context cropped to block_size
+        base = merge_lora(load_model(cfg.init_from, cfg.out_dir, dropout=cfg.dropout)[0])
+        base.crop_block_size(min(cfg.block_size, base.config.block_size))
+        cfg.block_size, model_config = base.config.block_size, base.config
+
+    def new_model():  # the same weights for every measurement
+        torch.manual_seed(cfg.seed)
+        return GPT(model_config) if base is None else copy.deepcopy(base)
+    c = model_config
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; model "
-          f"{cfg.n_layer}x{cfg.n_embd} ({cfg.n_head} heads), block {cfg.block_size}, vocab {model_config.vocab_size}, "
-          f"{n_params:.1f}M parameters")
+          f"{c.n_layer}x{c.n_embd} ({c.n_head} heads), block {c.block_size}, vocab {c.vocab_size}, "
+          f"{(base if base is not None else GPT(model_config)).get_num_params() / 1e6:.1f}M parameters")
+    fast_name = f"{dtype}{' compiled' if use_compile else ''}"
     rows = []  # (measure, baseline name, baseline value, ours name, ours value)
     if cfg.train_steps > 0:
         batch = f"batch {cfg.batch_size}x{cfg.gradient_accumulation_steps}"
-        base_tok_s, base_mfu = train_speed(cfg, model_config, device, 'float32', False) if cfg.baseline else (None, None)
-        # eager, and compiled unless --compile=False: compiling pays off in long runs only (it takes a minute)
-        for compiled in [False, True] if cfg.compile is not False else [False]:
-            name = f"{dtype}{' compiled' if compiled else ' eager'}"
-            tok_s, mfu = train_speed(cfg, model_config, device, dtype, compiled)
-            rows.append((f"train tokens/s ({batch})", 'float32 eager', base_tok_s, name, tok_s))
-            rows.append((f"train MFU (of the measured {dtype} peak)", 'float32 eager, of fp32 peak', base_mfu, name, mfu))
+        if cfg.lora_rank > 0:
+            tok_s, _, trainable, state_bytes = train_speed(cfg, new_model(), device, dtype, use_compile, cfg.lora_rank)  # against full fine-tuning of the same model, in the same dtype
+            full = train_speed(cfg, new_model(), device, dtype, use_compile) if cfg.baseline else (None,) * 4
+            lora_name, full_name = f"LoRA rank {cfg.lora_rank}, {fast_name}", f"full fine-tuning, {fast_name}"
+            rows.append((f"train tokens/s ({batch})", full_name, full[0], lora_name, tok_s))
+            rows.append(("trainable parameters", full_name, full[2], lora_name, trainable))
+            rows.append(("AdamW state, MiB", full_name, full[3] and full[3] / 2 ** 20, lora_name, state_bytes / 2 ** 20))
+        else:
+            base_tok_s, base_mfu, _, _ = train_speed(cfg, new_model(), device, 'float32', False) if cfg.baseline \
+                else (None,) * 4
+            # eager, and compiled unless --compile=False: compiling pays off in long runs only (it takes a minute)
+            for compiled in [False, True] if cfg.compile is not False else [False]:
+                name = f"{dtype}{' compiled' if compiled else ' eager'}"
+                tok_s, mfu, _, _ = train_speed(cfg, new_model(), device, dtype, compiled)
+                rows.append((f"train tokens/s ({batch})", 'float32 eager', base_tok_s, name, tok_s))
+                rows.append((f"train MFU (of the measured {dtype} peak)", 'float32 eager, of fp32 peak', base_mfu,
+                             name, mfu))
     if cfg.sample_tokens > 0:
-        tok_s = sample_speed(cfg, model_config, device, dtype, use_cache=True)
-        base_tok_s = sample_speed(cfg, model_config, device, 'float32', use_cache=False) if cfg.baseline else None
+        tok_s = sample_speed(cfg, new_model(), device, dtype, use_cache=True)
+        base_tok_s = sample_speed(cfg, new_model(), device, 'float32', use_cache=False) if cfg.baseline else None
         rows.append((f"sample tokens/s (batch 1, {cfg.sample_tokens} new)", 'float32 full recompute', base_tok_s,
                      f"{dtype} KV cache", tok_s))
 
     def fmt(v, is_mfu):
-        return '-' if v is None else (f"{v * 100:.3g}%" if is_mfu else f"{v:,.1f}")
+        return '-' if v is None else (f"{v * 100:.3g}%" if is_mfu else f"{v:,}" if isinstance(v, int) else f"{v:,.1f}")
     print("\n| measure | baseline | baseline value | gptforge | gptforge value | ratio |")
     print("|---|---|---|---|---|---|")
     for what, base_name, base, ours_name, ours in rows:

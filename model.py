@@ -8,17 +8,23 @@ unchanged. What differs from nanoGPT's model.py:
 - sampling takes top_k (exactly k tokens kept), top_p, and temperature 0 for greedy decoding;
 - weight decay skips embeddings as well as biases and norms;
 - estimate_mfu() takes the peak FLOP/s of your hardware instead of assuming an A100;
-- load_checkpoint() is the one place that turns a checkpoint file into a model.
+- load_model() is the one place that turns a checkpoint, or GPT-2 weights from the Hugging Face Hub
+  (from_pretrained), into a model;
+- LoRA: LoRALinear adapters on chosen Linears of a frozen model, merged into the weights for sampling.
 """
 
 import inspect
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+import hub
+from common import die
+from prepare import GPT2_VOCAB_SIZE
 
 
 class KVCache:
@@ -52,6 +58,24 @@ class Linear(nn.Linear):
         y = torch.mv(self.weight, x.reshape(-1))
         y = y if self.bias is None else y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
+
+
+class LoRALinear(Linear):
+    """A Linear whose weight W stays frozen while a low-rank update learns (LoRA, Hu et al. 2021):
+    y = x W^T + b + (alpha / rank) x A^T B^T, with A (rank, in) and B (out, rank). B starts at zero,
+    so an adapted model starts as exactly the base model. W and b keep their names in the state dict."""
+
+    def __init__(self, base, rank, alpha, dropout=0.0):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device='meta')
+        self.weight, self.bias = base.weight, base.bias  # the base layer's own parameters, not copies
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as the LoRA paper's code
+        self.scale = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return super().forward(x) + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
 
 
 def norm_layer(config):
@@ -317,11 +341,103 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)  # first token with cdf > u
 
 
-def load_checkpoint(path, device='cpu'):
+LORA_TARGETS = ('c_attn', 'c_proj', 'c_fc')  # the Linears of a block: attention's two, the MLP's two (c_proj names both)
+
+
+def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS):
+    """Freeze every parameter of model, then put trainable LoRA adapters on the Linears named in targets."""
+    model.requires_grad_(False)
+    for block in model.transformer.h:
+        for parent in (block.attn, block.mlp):
+            for name in targets:
+                if isinstance(getattr(parent, name, None), Linear):
+                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every adapter into its weight, W += (B @ A) * alpha / rank, leaving plain Linears: the same
+    function at the base model's cost. A model without adapters is returned as it is."""
+    for parent in list(model.modules()):
+        for name, layer in list(parent.named_children()):
+            if isinstance(layer, LoRALinear):
+                layer.weight += (layer.lora_B @ layer.lora_A) * layer.scale
+                plain = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device='meta')
+                plain.weight, plain.bias = layer.weight, layer.bias
+                setattr(parent, name, plain)
+    return model
+
+
+def lora_state_dict(model):
+    """Only the adapters: what a LoRA checkpoint stores, next to a reference to its base model."""
+    return {k: v for k, v in model.state_dict().items() if '.lora_' in k}
+
+
+def load_model(init_from, out_dir='out', device='cpu', dropout=None, lora_dropout=None):
+    """-> (model, checkpoint dict) from init_from: 'resume' (out_dir's checkpoint), a checkpoint file or a
+    run's out_dir, or a Hub repository of the GPT-2 architecture (gpt2, gpt2-medium, ..., owner/name).
+    dropout and lora_dropout, training settings, replace the saved ones when given."""
+    if init_from == 'resume':
+        return load_checkpoint(out_dir, device, dropout, lora_dropout)
+    if os.path.exists(init_from) or init_from.endswith('.pt') or init_from.startswith(('.', '/', '~')):
+        return load_checkpoint(os.path.expanduser(init_from), device, dropout, lora_dropout)
+    return from_pretrained(init_from, device, dropout or 0.0)
+
+
+def from_pretrained(repo, device='cpu', dropout=0.0):
+    """GPT-2 weights from the Hub -> (model, a checkpoint-like dict: model_args, meta, init_from).
+
+    The shapes come from config.json. Hugging Face stores the Linears of a block as Conv1D, weight
+    (in, out): they are transposed. Its causal-mask buffers (attn.bias, attn.masked_bias) are not
+    weights. Names may or may not start with 'transformer.' (GPT2LMHeadModel or GPT2Model).
+    """
+    config, weights = hub.fetch(repo)
+    if config.get('model_type') != 'gpt2' or not {'n_layer', 'n_head', 'n_embd', 'vocab_size'} <= config.keys():
+        die(f"{repo} is a '{config.get('model_type')}' model: only the GPT-2 architecture (model_type gpt2) loads")
+    n_embd = config['n_embd']
+    # settings this model does not have; GPT-2's own GELU (gelu_new) is the tanh approximation of ours, as
+    # in nanoGPT: the logits differ by about 1e-3
+    unlike_ours = {'n_inner': (None, 4 * n_embd), 'activation_function': ('gelu_new', 'gelu', 'gelu_pytorch_tanh'),
+                   'scale_attn_by_inverse_layer_idx': (False,), 'add_cross_attention': (False,),
+                   'tie_word_embeddings': (True,)}
+    for key, fine in unlike_ours.items():
+        if config.get(key, fine[0]) not in fine:
+            die(f"{repo} has {key}={config[key]!r} in its config.json, which this GPT-2 does not implement")
+    if config['vocab_size'] < GPT2_VOCAB_SIZE:
+        die(f"{repo} has {config['vocab_size']} tokens, fewer than GPT-2's {GPT2_VOCAB_SIZE}: its tokenizer is "
+            "not GPT-2's, the only one gptforge has for Hub models")
+    model_args = dict(n_layer=config['n_layer'], n_head=config['n_head'], n_embd=n_embd, bias=True, dropout=dropout,
+                      block_size=config.get('n_positions', config.get('n_ctx')), vocab_size=config['vocab_size'])
+    model = GPT(GPTConfig(**model_args))
+
+    state_dict, conv1d = {}, ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+    for key, value in weights.items():
+        key = key if key == 'lm_head.weight' else 'transformer.' + key.removeprefix('transformer.')
+        if not key.endswith(('.attn.bias', '.attn.masked_bias')):
+            state_dict[key] = value.t() if key.endswith(conv1d) else value
+    state_dict.setdefault('lm_head.weight', state_dict.get('transformer.wte.weight'))  # tied: usually not stored
+    expected = model.state_dict()
+    problems = ([f"missing {k}" for k in expected if state_dict.get(k) is None]
+                + [f"unexpected {k}" for k in state_dict if k not in expected]
+                + [f"{k} is {tuple(v.shape)}, not {tuple(expected[k].shape)}" for k, v in state_dict.items()
+                   if k in expected and v is not None and v.shape != expected[k].shape])
+    if problems:
+        die(f"{repo}'s weights do not fit a GPT-2 of its config.json: {', '.join(problems[:3])}"
+            f"{' ...' if len(problems) > 3 else ''}")
+    if not torch.equal(state_dict['lm_head.weight'], state_dict['transformer.wte.weight']):
+        die(f"{repo} has an lm_head.weight apart from its token embeddings: only tied embeddings (GPT-2's) load")
+    model.load_state_dict(state_dict)
+    meta = {'tokenizer': 'gpt2', 'vocab_size': GPT2_VOCAB_SIZE, 'dtype': 'uint16'}  # as prepare.py writes it
+    return model.to(device), {'model_args': model_args, 'meta': meta, 'init_from': repo}
+
+
+def load_checkpoint(path, device='cpu', dropout=None, lora_dropout=None):
     """Load a checkpoint written by train.py, here or in nanoGPT -> (model, checkpoint dict).
 
     Only tensors and plain Python values are unpickled (weights_only=True), so a checkpoint from
-    someone else cannot run code. Errors a user can cause stop with a one-line message.
+    someone else cannot run code. Errors a user can cause stop with a one-line message. A LoRA
+    checkpoint holds only adapters: its base model is loaded first, and the adapters put on it.
     """
     if os.path.isdir(path):
         path = os.path.join(path, 'ckpt.pt')
@@ -336,12 +452,29 @@ def load_checkpoint(path, device='cpu'):
     if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'model_args' not in checkpoint:
         raise SystemExit(f"error: {path} has no 'model' and 'model_args': not a checkpoint of train.py")
     known = {f.name for f in fields(GPTConfig)}
-    config = GPTConfig(**{k: v for k, v in checkpoint['model_args'].items() if k in known})
-    model = GPT(config)
+    model_args = {k: v for k, v in checkpoint['model_args'].items() if k in known}
+    if dropout is not None:
+        model_args['dropout'] = dropout
+    lora = checkpoint.get('lora')
+    if lora:
+        model, _ = load_model(lora['base'], device=device, dropout=model_args.get('dropout'))
+        merge_lora(model)  # the base may itself be a LoRA checkpoint
+        if model.config.block_size > model_args['block_size']:
+            model.crop_block_size(model_args['block_size'])
+        if asdict(model.config) != {**asdict(GPTConfig()), **model_args}:
+            die(f"{path} holds LoRA adapters for a base '{lora['base']}' of another shape than the one found "
+                f"there now: point the checkpoint's base at the model it was trained on")
+        add_lora(model, lora['rank'], lora['alpha'], lora['dropout'] if lora_dropout is None else lora_dropout,
+                 lora['targets'])
+    else:
+        model = GPT(GPTConfig(**model_args))
     state_dict = {}
     for key, value in checkpoint['model'].items():
         key = key.removeprefix('_orig_mod.')  # nanoGPT saved torch.compile'd models under this prefix
         if not key.endswith('.attn.bias'):  # nanoGPT's causal-mask buffer on PyTorch < 2.0: not a weight
             state_dict[key] = value
-    model.load_state_dict(state_dict)
+    missing, unexpected = model.load_state_dict(state_dict, strict=not lora)
+    if unexpected or any('.lora_' in k for k in missing):
+        die(f"{path}'s LoRA adapters do not fit its base '{lora['base']}' (missing {len(missing)}, unexpected "
+            f"{len(unexpected)} tensors): the checkpoint is damaged or its lora settings were edited")
     return model.to(device), checkpoint

@@ -73,6 +73,12 @@ def load_meta(data_dir):
     return {'tokenizer': 'gpt2', 'vocab_size': GPT2_VOCAB_SIZE, 'dtype': 'uint16'}
 
 
+def checkpoint_meta(checkpoint):
+    """The meta of the data a model was trained on: our checkpoints (and Hub models) carry it; nanoGPT's
+    name the dataset whose meta.json to read."""
+    return checkpoint.get('meta') or load_meta(os.path.join('data', checkpoint.get('config', {}).get('dataset', '')))
+
+
 def token_dtype(vocab_size):
     return 'uint16' if vocab_size <= 2 ** 16 else 'uint32'
 
@@ -80,13 +86,16 @@ def token_dtype(vocab_size):
 # -----------------------------------------------------------------------------
 # getting the text
 
-def download(url, path, retries=3, timeout=30):
-    """Stream url to path, through a temporary file so an interrupted download never looks complete."""
+def download(url, path, retries=3, timeout=30, headers=None, missing_ok=False):
+    """Stream url to path, through a temporary file so an interrupted download never looks complete.
+
+    Returns True when done. An HTTP 4xx (no such file) stops with an error, or returns False with missing_ok.
+    """
     from tqdm import tqdm
-    tmp_path = path + '.part'
+    tmp_path = f'{path}.{os.getpid()}.part'  # one per process: two downloads of one file never mix
     for attempt in range(1, retries + 1):
         try:
-            with requests.get(url, stream=True, timeout=timeout) as response:
+            with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
                 response.raise_for_status()
                 total = int(response.headers.get('content-length', 0)) or None
                 with open(tmp_path, 'wb') as f, tqdm(total=total, unit='B', unit_scale=True,
@@ -94,18 +103,26 @@ def download(url, path, retries=3, timeout=30):
                     for chunk in response.iter_content(chunk_size=1 << 20):
                         f.write(chunk)
                         bar.update(len(chunk))
+                # urllib3 2 raises on a short body itself; older ones don't (a compressed body has another length)
+                if total and bar.n != total and 'content-encoding' not in response.headers:
+                    raise requests.ConnectionError(f"the connection closed after {bar.n} of {total} bytes")
             os.replace(tmp_path, path)
-            return
+            return True
         except requests.HTTPError as e:
             if e.response.status_code < 500:  # 404 and friends won't change on a retry
+                if missing_ok:
+                    return False
                 die(f"could not download {url}: HTTP {e.response.status_code}: check the URL")
             error = e
         except requests.RequestException as e:
             error = e
+        finally:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
         if attempt < retries:
             time.sleep(attempt)  # a short, growing pause before trying again
     die(f"could not download {url} after {retries} tries ({type(error).__name__}): check the URL and "
-        f"the network, or save the file yourself and pass --input=PATH")
+        f"the network, or save the file yourself as {path}")
 
 
 def get_text(name, input_path, data_dir):

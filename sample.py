@@ -4,6 +4,7 @@ Sample from a trained model.
     python sample.py --out_dir=out-shakespeare-char
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=1 --max_new_tokens=300
     python sample.py --out_dir=out --start=FILE:prompt.txt --temperature=0    # greedy, from a file
+    python sample.py --init_from=gpt2 --start="Once upon a time"              # GPT-2 from the Hugging Face Hub
 
 With num_samples=1 the text is printed as it is generated; several samples are generated together,
 as one batch, and printed when done.
@@ -20,12 +21,12 @@ from types import SimpleNamespace
 import torch
 
 from common import die, load_config, pick_device, pick_dtype
-from model import load_checkpoint
-from prepare import get_tokenizer, load_meta
+from model import load_model, merge_lora
+from prepare import checkpoint_meta, get_tokenizer
 from serve import run_server
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'  # 'resume': the model in out_dir/ckpt.pt
+init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a checkpoint file or out_dir, or a Hub model: gpt2, owner/name
 out_dir = 'out'
 start = '\n'  # the prompt: text, or FILE:path to read it from a file
 num_samples = 10
@@ -47,12 +48,10 @@ DEFAULTS = {k: v for k, v in globals().items()
 
 
 def load_model_and_tokenizer(cfg, device):
-    """The checkpoint's model, and the tokenizer of the data it was trained on."""
-    if cfg.init_from != 'resume':
-        die(f"init_from must be 'resume' (the model in --out_dir), got '{cfg.init_from}'")
-    model, checkpoint = load_checkpoint(cfg.out_dir, device)
-    # our checkpoints carry their dataset's meta; nanoGPT's name the dataset whose meta.json to read
-    meta = checkpoint.get('meta') or load_meta(f"data/{checkpoint.get('config', {}).get('dataset', '')}")
+    """The model (LoRA adapters merged into its weights), and the tokenizer of the data it was trained on."""
+    model, checkpoint = load_model(cfg.init_from, cfg.out_dir, device)
+    merge_lora(model)  # generation then costs what the base model's does
+    meta = checkpoint_meta(checkpoint)
     if meta['tokenizer'] == 'gpt2' and model.config.vocab_size < meta['vocab_size']:
         die(f"the checkpoint has no tokenizer and its vocabulary ({model.config.vocab_size}) is too small for "
             f"GPT-2's: prepare its dataset (python prepare.py ...) so that data/<dataset>/meta.json exists")

@@ -7,6 +7,8 @@ Train a GPT, on one CPU or GPU or on several through DDP.
     # several nodes: run on each, with its own --node_rank (0 on the master):
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 \\
         train.py config/train_gpt2.py
+    python train.py config/finetune_shakespeare.py                    # fine-tune GPT-2 from the Hub
+    python train.py config/finetune_shakespeare_lora.py               # the same with LoRA adapters
 
 Every default is below; config/*.py files (plain Python) and --key=value arguments override them.
 """
@@ -17,14 +19,14 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from common import autocast_context, die, load_config, measure_peak_flops, pick_device, pick_dtype
-from model import GPT, GPTConfig, load_checkpoint
+from model import LORA_TARGETS, GPT, GPTConfig, add_lora, load_model, lora_state_dict, merge_lora
 from prepare import load_meta
 
 # -----------------------------------------------------------------------------
@@ -36,7 +38,9 @@ log_interval = 1
 eval_iters = 200  # batches per split for each loss estimate
 eval_only = False  # evaluate once, then exit
 always_save_checkpoint = True  # save ckpt.pt at every eval (the best one also goes to best.pt)
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+# 'scratch', 'resume' (from out_dir/ckpt.pt), or weights to fine-tune from, at iteration 0: 'gpt2', 'gpt2-medium',
+# 'gpt2-large', 'gpt2-xl', another GPT-2 repository on the Hugging Face Hub, or a checkpoint file or out_dir
+init_from = 'scratch'
 seed = 1337
 # wandb logging
 wandb_log = False
@@ -62,6 +66,12 @@ activation = 'gelu'  # or 'relu2'
 tie_embeddings = True
 logit_softcap = 0.0  # 0: off
 zero_init = False
+# (a model from init_from brings its own n_layer, n_head, n_embd, bias; block_size may crop its context)
+# LoRA: train low-rank adapters of the frozen weights of init_from's model
+lora_rank = 0  # 0: off, every weight trains
+lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = 'c_attn,c_proj,c_fc'  # the Linears of each block that get adapters
 # optimizer: AdamW, or Muon for the blocks' weight matrices and AdamW for the rest
 optimizer = 'adamw'  # 'adamw' or 'muon'
 learning_rate = 6e-4  # the maximum learning rate (of AdamW)
@@ -173,6 +183,17 @@ def check_resume(cfg, checkpoint, master):
                if k in saved and saved[k] != v and k not in ('init_from', 'eval_only')]
     if changed and master:
         print(f"changed since the checkpoint: {', '.join(changed)}")
+    saved_lora, lora = checkpoint.get('lora') or {'rank': 0}, lora_settings(cfg)
+    for key in ('rank', 'alpha', 'targets'):  # the adapters' shape (and scale) is part of the model's
+        if (saved_lora['rank'] or lora['rank']) and saved_lora.get(key) != lora[key]:
+            die(f"the checkpoint in {cfg.out_dir} has lora_{key}={saved_lora.get(key)!r}, this run asks for "
+                f"{lora[key]!r}: resume with the run's own config, or fine-tune from it in another out_dir")
+
+
+def lora_settings(cfg, base=None):
+    """The LoRA keys as a LoRA checkpoint stores them, with the model the adapters belong to."""
+    return {'rank': cfg.lora_rank, 'alpha': cfg.lora_alpha, 'dropout': cfg.lora_dropout,
+            'targets': [t.strip() for t in cfg.lora_targets.split(',') if t.strip()], 'base': base}
 
 
 def check_config(cfg):
@@ -192,6 +213,14 @@ def check_config(cfg):
             die(f"{key} must be one of {', '.join(choices)}, got '{getattr(cfg, key)}'")
     if cfg.rope and (cfg.n_embd // cfg.n_head) % 2:
         die(f"rope rotates pairs of coordinates: the head size n_embd / n_head ({cfg.n_embd // cfg.n_head}) must be even")
+    if cfg.lora_rank < 0 or (cfg.lora_rank > 0 and not 0 <= cfg.lora_dropout < 1):
+        die(f"lora_rank must be >= 0 (0: no LoRA) and lora_dropout in [0, 1), got {cfg.lora_rank}, {cfg.lora_dropout}")
+    targets = lora_settings(cfg)['targets']
+    if cfg.lora_rank > 0 and (not targets or not set(targets) <= set(LORA_TARGETS)):
+        die(f"lora_targets must name some of {','.join(LORA_TARGETS)}, got '{cfg.lora_targets}'")
+    if cfg.lora_rank > 0 and cfg.init_from == 'scratch':
+        die("LoRA adapts a trained model: set init_from to gpt2 (or another Hub repository, or a checkpoint), "
+            "or lora_rank=0 to train from scratch")
 
 
 def open_dataset(cfg):
@@ -245,33 +274,58 @@ def main(argv):
 
     meta, splits = open_dataset(cfg)
 
-    # the model: new (its initialization seeded), or the one in out_dir/ckpt.pt
+    # the model: new (its initialization seeded), the one in out_dir/ckpt.pt, or pretrained weights to fine-tune
     torch.manual_seed(cfg.seed)
-    iter_num, best_val_loss, checkpoint = 0, float('inf'), None
+    iter_num, best_val_loss, checkpoint, source = 0, float('inf'), None, 'scratch'
+    resume = cfg.init_from == 'resume'
     if cfg.init_from == 'scratch':
         # GPT-2's 50257 tokens padded to 50304, a multiple of 64, makes the head's matmul faster
         vocab_size = meta['vocab_size']
         padded = math.ceil(vocab_size / 64) * 64
-        model_args = {key: getattr(cfg, key) for key in MODEL_KEYS + ('dropout',)}
-        model_args['vocab_size'] = padded if padded - vocab_size < 0.01 * vocab_size else vocab_size
-        model = GPT(GPTConfig(**model_args))
+        model = GPT(GPTConfig(**{key: getattr(cfg, key) for key in MODEL_KEYS + ('dropout',)},
+                              vocab_size=padded if padded - vocab_size < 0.01 * vocab_size else vocab_size))
     else:
-        model, checkpoint = load_checkpoint(cfg.out_dir, device)
-        model_args = checkpoint['model_args']
-        if model_args.get('dropout') != cfg.dropout:  # dropout is a training setting: this run's applies
-            model_args['dropout'] = cfg.dropout
-            state_dict, model = model.state_dict(), GPT(GPTConfig(**model_args))
-            model.load_state_dict(state_dict)
-        if model_args['vocab_size'] < meta['vocab_size'] or checkpoint.get('meta', meta) != meta:
-            die(f"the checkpoint's vocabulary ({model_args['vocab_size']} tokens) is not the one of dataset "
-                f"'{cfg.dataset}' ({meta['vocab_size']} tokens): resume on the dataset it was trained on")
-        iter_num, best_val_loss = checkpoint['iter_num'], float(checkpoint['best_val_loss'])
-        check_resume(cfg, checkpoint, master)
-        if master:
-            print(f"resuming from {cfg.out_dir} at iteration {iter_num}, best val loss {best_val_loss:.4f}")
+        model, checkpoint = load_model(cfg.init_from, cfg.out_dir, device, cfg.dropout, cfg.lora_dropout)
+        # where the weights first came from (a LoRA checkpoint's base), kept across resumes; a path made
+        # absolute, so that it still holds from another directory
+        if resume:
+            source = checkpoint.get('init_from', 'scratch')
+        else:
+            source = os.path.abspath(cfg.init_from) if os.path.exists(cfg.init_from) else cfg.init_from
+        if source != 'scratch':  # the model brought its own shape: the saved config says which
+            for key in MODEL_KEYS:
+                if key != 'block_size':
+                    setattr(cfg, key, getattr(model.config, key))
+        if not resume:  # fine-tuning: these weights, at iteration 0, with a fresh optimizer
+            merge_lora(model)
+            if cfg.block_size > model.config.block_size:
+                die(f"{cfg.init_from} has a context of {model.config.block_size} tokens: "
+                    f"use --block_size={model.config.block_size} or less")
+            model.crop_block_size(cfg.block_size)
+        model_meta = checkpoint.get('meta', meta)  # nanoGPT's checkpoints don't say: the vocabulary size must do
+        if model.config.vocab_size < meta['vocab_size'] or model_meta != meta:
+            die(f"the vocabulary of {'the checkpoint' if resume else cfg.init_from} ({model.config.vocab_size} tokens) "
+                f"is not the one of dataset '{cfg.dataset}' ({meta['vocab_size']} tokens): "
+                + ("resume on the dataset it was trained on" if resume else "prepare a dataset with the model's "
+                   f"tokenizer: python prepare.py NAME --input=FILE --tokenizer={model_meta['tokenizer']}"))
+        if resume:
+            iter_num, best_val_loss = checkpoint['iter_num'], float(checkpoint['best_val_loss'])
+            check_resume(cfg, checkpoint, master)
+            if master:
+                print(f"resuming from {cfg.out_dir} at iteration {iter_num}, best val loss {best_val_loss:.4f}")
+        else:
+            checkpoint = None  # its optimizer state belongs to another run
+    if cfg.lora_rank > 0 and not resume:  # (a resumed LoRA checkpoint brought its adapters)
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, lora_settings(cfg)['targets'])
+    model_args = asdict(model.config)
     model.to(device)
     if master:
         print(f"model: {model.get_num_params() / 1e6:.2f}M parameters")
+        # AdamW keeps two float32 moments per trainable parameter
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        full = sum(p.numel() for name, p in model.named_parameters() if '.lora_' not in name)
+        print(f"trainable parameters: {trainable:,} ({trainable / full:.2%}), AdamW state {8 * trainable / 2 ** 20:,.1f} MiB"
+              + (f" (full fine-tuning: {full:,}, {8 * full / 2 ** 20:,.1f} MiB)" if cfg.lora_rank > 0 else ''))
 
     # GradScaler only does something for float16, whose gradients underflow without it
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
@@ -305,11 +359,14 @@ def main(argv):
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path, best_path = os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'best.pt')
+    # a LoRA checkpoint holds the adapters and names the model they adapt: the base's weights are not copied
+    lora = lora_settings(cfg, base=source) if cfg.lora_rank > 0 else None
 
     def make_checkpoint(is_best, preempted=False):
         states = dict(zip(('optimizer', 'muon_optimizer'), (opt.state_dict() for opt in optimizers)))
-        return {'model': raw_model.state_dict(), **states, 'model_args': model_args,
-                'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': vars(cfg), 'meta': meta,
+        return {'model': lora_state_dict(raw_model) if lora else raw_model.state_dict(), 'lora': lora, **states,
+                'model_args': model_args, 'iter_num': iter_num,
+                'best_val_loss': best_val_loss, 'config': vars(cfg), 'meta': meta, 'init_from': source,
                 'scaler': scaler.state_dict(), 'is_best': is_best, 'preempted': preempted}
 
     # SIGTERM (preemption) and SIGINT (Ctrl-C): finish the step, save, exit cleanly

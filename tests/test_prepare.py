@@ -1,41 +1,11 @@
-import http.server
 import json
 import os
-import threading
 
 import numpy as np
 import pytest
 
 from conftest import gpt2_bpe_available, run
 from prepare import get_tokenizer, load_meta, prepare, token_dtype
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    """A real HTTP server on 127.0.0.1 serving tmp_path/www; the first `fail_first` GETs answer 503."""
-    root = tmp_path / 'www'
-    root.mkdir()
-    state = {'fail_first': 0, 'requests': 0}
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def do_GET(self):
-            state['requests'] += 1
-            if state['requests'] <= state['fail_first']:
-                self.send_error(503, 'try again')
-                return
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f'http://127.0.0.1:{server.server_address[1]}', root, state
-    server.shutdown()
-    server.server_close()
 
 
 def read_split(data_dir, split):

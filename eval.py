@@ -1,0 +1,129 @@
+"""
+Measure a model on text: loss (nats per token), perplexity, and bits per character (char models) or
+per byte (GPT-2 BPE), which compare across tokenizers.
+
+    python eval.py --out_dir=out-shakespeare-char                  # a run's model on its dataset's val split
+    python eval.py --init_from=gpt2 --dataset=shakespeare           # GPT-2 from the Hub on a prepared dataset
+    python eval.py --init_from=gpt2 --input=notes.txt               # on any UTF-8 text file
+
+Every token but the first is predicted once, from the tokens before it in its window. Windows of
+block_size tokens start every `stride` tokens, and each scores only the tokens no earlier window did:
+by default stride = block_size (non-overlapping windows, a token sees 0 to block_size - 1 tokens of
+context); a smaller stride gives every scored token more context, for more compute. Nothing is
+random, so a model and a text always give the same figures.
+
+    bits per byte = total nats / ln 2 / UTF-8 bytes of the scored text  (per character: characters)
+"""
+
+import math
+import os
+import sys
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from common import autocast_context, die, load_config, pick_device, pick_dtype
+from model import load_model, merge_lora
+from prepare import checkpoint_meta, get_tokenizer, load_meta
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a checkpoint file or out_dir, or a Hub model: gpt2, owner/name
+out_dir = 'out'
+dataset = ''  # the prepared dataset data/<dataset>/ whose split to score; '' is the checkpoint's own
+split = 'val'  # 'train' or 'val'
+input = ''  # a UTF-8 text file to score instead of a split
+block_size = 0  # tokens per window; 0 is the model's block_size
+stride = 0  # tokens from one window's start to the next; 0 is block_size
+batch_size = 1  # windows per forward pass: each one's logits are block_size x vocab_size floats
+max_tokens = 0  # score only the first max_tokens tokens (0: all of them), for a quicker estimate
+device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'float32'  # float32, unlike training: the figures should not depend on the hardware's bfloat16
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items()
+            if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+
+
+@torch.no_grad()
+def evaluate(model, ids, block_size, stride, batch_size=1, device='cpu', ctx=nullcontext()):
+    """(total negative log-likelihood in nats, number of tokens scored) of ids[1:], each given the tokens
+    before it in its window."""
+    n = len(ids)
+    windows, done = [], 0  # (start, end, done): inputs ids[start:end], targets ids[done + 1:end + 1] scored
+    for start in range(0, n - 1, stride):
+        end = min(start + block_size, n - 1)
+        windows.append((start, end, done))
+        done = end
+        if end == n - 1:
+            break
+    model.eval()
+    nats, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i:i + batch_size]
+        x = torch.zeros(len(batch), max(end - start for start, end, _ in batch), dtype=torch.long)
+        y = torch.full_like(x, -1)  # -1: not scored (padding, or scored by an earlier window)
+        for row, (start, end, done) in enumerate(batch):
+            x[row, :end - start] = torch.from_numpy(ids[start:end].astype(np.int64))
+            y[row, done - start:end - start] = torch.from_numpy(ids[done + 1:end + 1].astype(np.int64))
+        with ctx:
+            _, loss = model(x.to(device), y.to(device))  # the mean over the scored targets
+        scored = int((y >= 0).sum())
+        nats += loss.item() * scored
+        count += scored
+    return nats, count
+
+
+def read_tokens(cfg, checkpoint, meta, encode):
+    """(a name for the text, its token ids): the --input file, or a prepared dataset's split."""
+    if cfg.input:
+        try:
+            with open(cfg.input, encoding='utf-8') as f:
+                return cfg.input, np.array(encode(f.read()), dtype=np.int64)
+        except (OSError, UnicodeDecodeError) as e:
+            die(f"could not read {cfg.input} as UTF-8 text ({e}): pass a text file")
+    dataset = cfg.dataset or checkpoint.get('config', {}).get('dataset')
+    if not dataset:
+        die(f"{cfg.init_from} has no dataset of its own: pass --dataset=NAME (prepared by prepare.py) or --input=FILE")
+    path = os.path.join('data', dataset, f'{cfg.split}.bin')
+    if cfg.split not in ('train', 'val') or not os.path.exists(path):
+        die(f"no split '{cfg.split}' of dataset '{dataset}' at {path}: use --split=train or val, after "
+            f"python prepare.py {dataset} ...")
+    data_meta = load_meta(os.path.dirname(path))
+    if data_meta != meta:
+        die(f"dataset '{dataset}' is tokenized by {data_meta['tokenizer']} ({data_meta['vocab_size']} tokens), the "
+            f"model by {meta['tokenizer']} ({meta['vocab_size']}): use --input=FILE, or a dataset prepared like its own")
+    return f"{dataset} {cfg.split}", np.memmap(path, dtype=data_meta['dtype'], mode='r')
+
+
+def main(argv):
+    cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
+    device = pick_device(cfg.device)
+    ctx = autocast_context(device.split(':')[0], pick_dtype(cfg.dtype, device.split(':')[0]))
+    model, checkpoint = load_model(cfg.init_from, cfg.out_dir, device)
+    merge_lora(model)
+    meta = checkpoint_meta(checkpoint)
+    encode, decode = get_tokenizer(meta)
+    name, ids = read_tokens(cfg, checkpoint, meta, encode)
+    ids = ids[:cfg.max_tokens or len(ids)]
+    block_size = cfg.block_size or model.config.block_size
+    stride = cfg.stride or block_size
+    if len(ids) < 2:
+        die(f"{name} has {len(ids)} token(s): at least 2 are needed, one to predict the other")
+    if not 0 < block_size <= model.config.block_size or not 0 < stride <= block_size or cfg.batch_size <= 0:
+        die(f"need 0 < stride <= block_size <= {model.config.block_size} (the model's) and batch_size > 0, got "
+            f"stride {stride}, block_size {block_size}, batch_size {cfg.batch_size}")
+
+    nats, count = evaluate(model, ids, block_size, stride, cfg.batch_size, device, ctx)
+    loss = nats / count
+    unit = 'char' if meta['tokenizer'] == 'char' else 'byte'
+    units = count if unit == 'char' else len(decode(ids[1:].tolist()).encode('utf-8'))  # the scored text
+    results = {'loss': loss, 'perplexity': math.exp(loss), f'bits_per_{unit}': nats / math.log(2) / units,
+               'tokens': count, f'{unit}s': units}
+    print(f"{name}: {count:,} tokens ({units:,} {unit}s), block_size {block_size}, stride {stride} | "
+          f"loss {loss:.4f} | perplexity {math.exp(loss):.3f} | bits per {unit} {results[f'bits_per_{unit}']:.4f}")
+    return results
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
