@@ -205,8 +205,6 @@ def check_config(cfg):
                 'eval_interval', 'eval_iters', 'log_interval'):
         if getattr(cfg, key) <= 0:
             die(f"{key} must be positive, got {getattr(cfg, key)}")
-    if cfg.init_from not in ('scratch', 'resume'):
-        die(f"init_from must be 'scratch' or 'resume', got '{cfg.init_from}'")
     for key, choices in (('norm', ('layernorm', 'rmsnorm')), ('activation', ('gelu', 'relu2')),
                          ('optimizer', ('adamw', 'muon')), ('lr_schedule', ('cosine', 'wsd'))):
         if getattr(cfg, key) not in choices:

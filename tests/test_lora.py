@@ -28,7 +28,7 @@ def test_lora_starts_as_the_base_model_and_merging_keeps_its_function():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all('.lora_' in n for n in trainable)
     assert len(trainable) == 2 * 4 * 2  # A and B, four Linears per block, two blocks
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    [optimizer] = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
     assert sum(len(g['params']) for g in optimizer.param_groups) == len(trainable)  # the adapters only
 
     with torch.no_grad():
