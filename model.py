@@ -10,7 +10,9 @@ unchanged. What differs from nanoGPT's model.py:
 - estimate_mfu() takes the peak FLOP/s of your hardware instead of assuming an A100;
 - load_model() is the one place that turns a checkpoint, or GPT-2 weights from the Hugging Face Hub
   (from_pretrained), into a model;
-- LoRA: LoRALinear adapters on chosen Linears of a frozen model, merged into the weights for sampling.
+- LoRA: LoRALinear adapters on chosen Linears of a frozen model, merged into the weights for sampling;
+- options from the NanoGPT speedrun (GPTConfig: rope, rmsnorm, qk_norm, relu2, untied head, logit
+  softcap, zero init), all off by default, and Muon for the blocks' matrices in configure_optimizers.
 """
 
 import inspect
@@ -101,7 +103,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.qk_norm = config.qk_norm
+        self.qk_norm, self.rms = config.qk_norm, config.norm == 'rmsnorm'
 
     def forward(self, x, cache=None, layer=0, rope=None):
         B, T, C = x.size()  # batch, sequence length, n_embd
@@ -109,8 +111,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if self.qk_norm:  # unit-RMS queries and keys keep attention logits bounded at high learning rates
-            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if self.qk_norm:  # normalised queries and keys keep attention logits bounded at high learning rates
+            norm = F.rms_norm if self.rms else F.layer_norm  # the model's norm, without weights
+            q, k = norm(q, (q.size(-1),)), norm(k, (k.size(-1),))
         if rope is not None:  # rotary embeddings: position enters as a rotation of queries and keys
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         is_causal, mask = True, None
@@ -170,7 +173,7 @@ class GPTConfig:
     rope: bool = False  # rotary position embeddings instead of learned absolute ones (then there is no wpe)
     rope_base: float = 10000.0  # the rotation frequencies are rope_base ** (-2i / head_size)
     norm: str = 'layernorm'  # 'layernorm' (GPT-2) or 'rmsnorm'
-    qk_norm: bool = False  # RMS-normalise each head's queries and keys
+    qk_norm: bool = False  # normalise each head's queries and keys (with the norm above, unweighted)
     activation: str = 'gelu'  # 'gelu' (GPT-2) or 'relu2' (ReLU squared)
     tie_embeddings: bool = True  # the output head is the token embedding matrix, as GPT-2
     logit_softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap), smoothly bounded

@@ -237,10 +237,11 @@ def run_server(cfg, model, encode, decode, device):
         server = CompletionServer((cfg.host, cfg.port), CompletionHandler)
     except OSError as e:
         die(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}): pick another --port or --host")
+    name = cfg.out_dir if cfg.init_from == 'resume' else cfg.init_from  # the model's id in the API
     server.app = SimpleNamespace(model=model, encode=encode, decode=decode, device=device, jobs=queue.Queue(),
-                                 name=cfg.out_dir, created=int(time.time()), max_tokens_cap=cfg.max_tokens_cap)
+                                 name=name, created=int(time.time()), max_tokens_cap=cfg.max_tokens_cap)
     host, port = server.server_address[:2]
-    print(f"serving {cfg.out_dir} on http://{host}:{port}/v1 (POST /v1/completions, GET /v1/models); Ctrl-C stops",
+    print(f"serving {name} on http://{host}:{port}/v1 (POST /v1/completions, GET /v1/models); Ctrl-C stops",
           flush=True)
     if host not in ('127.0.0.1', 'localhost'):
         print(f"warning: listening on {host}, without authentication: anyone who can reach it can use the model",

@@ -5,6 +5,7 @@ import os
 import struct
 
 import pytest
+import requests
 import torch
 
 import prepare
@@ -158,3 +159,14 @@ def test_sample_and_bench_from_the_hub(hub, tmp_path):
               cwd=tmp_path).stdout
     assert 'model 2x16 (2 heads), block 16, vocab 50257' in out
     assert '| trainable parameters | full fine-tuning' in out and 'LoRA rank 2' in out
+    # and served, as OpenAI's completions API, under its Hub name
+    from test_serve import start_server
+    proc, url = start_server(str(tmp_path / 'out'), tmp_path / 'serve.log', '--init_from=tiny-gpt2')
+    try:
+        assert requests.get(url + '/v1/models', timeout=10).json()['data'][0]['id'] == 'tiny-gpt2'
+        answer = requests.post(url + '/v1/completions', json={'prompt': 'Hello', 'max_tokens': 5, 'temperature': 0},
+                               timeout=60).json()
+        assert answer['usage']['completion_tokens'] == 5 and answer['choices'][0]['finish_reason'] == 'length'
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -50,13 +50,13 @@ def train_tiny_checkpoint(out_dir):
                os.path.join(out_dir, 'ckpt.pt'))
 
 
-def start_server(out_dir, log_path):
-    """sample.py --serve on a free port of 127.0.0.1 -> (process, base url), once it answers."""
+def start_server(out_dir, log_path, *args):
+    """sample.py --serve (and args) on a free port of 127.0.0.1 -> (process, base url), once it answers."""
     log = open(log_path, 'w')
     # one thread: the model is tiny, and the machine may be busy with other work
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'sample.py'), f'--out_dir={out_dir}', '--serve',
-                             '--port=0', '--device=cpu', '--dtype=float32'],
+                             '--port=0', '--device=cpu', '--dtype=float32', *args],
                             cwd=os.path.dirname(out_dir), stdout=log, stderr=subprocess.STDOUT, env=env)
     log.close()
     deadline = time.time() + 60
