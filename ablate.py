@@ -1,6 +1,7 @@
 """
 What each speedrun option is worth on your machine: the val loss after the same training time, for
-each option added alone to the GPT-2 recipe and removed alone from the speedrun config.
+each option added alone to the GPT-2 recipe, and removed alone from the speedrun config (or added, for
+an option the speedrun config leaves out).
 
     python ablate.py                  # 20 s of training per run, 20 runs: about 10 minutes
     python ablate.py --seconds=60 --options=rope,muon
@@ -17,10 +18,12 @@ import sys
 import time
 from types import SimpleNamespace
 
+import torch
+
 import bench
 import train
 from common import die, load_config, pick_device, pick_dtype
-from model import GPTConfig
+from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 baseline = 'config/train_shakespeare_char_cpu.py'  # GPT-2's architecture, AdamW, cosine schedule
@@ -30,18 +33,27 @@ options = 'all'  # comma-separated names from OPTIONS, or 'all'
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str))}
 
-# the keys each option sets in the speedrun config; the baseline's values are its 'off'
+# each option's settings when on; its 'off' is the baseline's values of those keys. Muon and the
+# schedule also take the speedrun config's values of the keys they were tuned with.
 OPTIONS = {
-    'rope': ['rope', 'rope_base'],
-    'rmsnorm': ['norm'],
-    'qk_norm': ['qk_norm'],
-    'relu2': ['activation'],
-    'untied head': ['tie_embeddings'],
-    'logit softcap': ['logit_softcap'],
-    'zero init': ['zero_init'],
-    'muon': ['optimizer', 'muon_lr', 'learning_rate', 'weight_decay', 'beta2'],
-    'wsd schedule': ['lr_schedule', 'cooldown_frac', 'min_lr'],
+    'rope': {'rope': True},
+    'rmsnorm': {'norm': 'rmsnorm'},
+    'qk_norm': {'qk_norm': True},
+    'relu2': {'activation': 'relu2'},
+    'untied head': {'tie_embeddings': False},
+    'logit softcap': {'logit_softcap': 15.0},
+    'zero init': {'zero_init': True},
+    'muon': {'optimizer': 'muon'},
+    'wsd schedule': {'lr_schedule': 'wsd'},
 }
+TUNED_WITH = {'muon': ['muon_lr', 'learning_rate', 'weight_decay', 'beta2'], 'wsd schedule': ['cooldown_frac', 'min_lr']}
+
+
+def with_option(config, name, on, base, fast):
+    """config with option `name` turned on (or off)."""
+    keys = list(OPTIONS[name]) + TUNED_WITH.get(name, [])
+    values = {**OPTIONS[name], **{k: fast[k] for k in TUNED_WITH.get(name, [])}} if on else {k: base[k] for k in keys}
+    return {**config, **values}
 
 
 def train_for(config, seconds):
@@ -51,7 +63,8 @@ def train_for(config, seconds):
                              vocab_size=bench.vocab_size_of(cfg))
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device.split(':')[0])
-    tokens_per_s, _ = bench.train_speed(cfg, model_config, device, dtype, use_compile=False)
+    torch.manual_seed(cfg.seed)
+    tokens_per_s = bench.train_speed(cfg, GPT(model_config), device, dtype, use_compile=False)[0]
     steps = max(10, int(seconds * tokens_per_s / (cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size)))
     scale = steps / config['max_iters']  # the config's schedule, shrunk or stretched to `steps`
     run = {**config, 'max_iters': steps, 'lr_decay_iters': steps, 'eval_interval': steps,
@@ -59,7 +72,8 @@ def train_for(config, seconds):
            'always_save_checkpoint': False, 'log_interval': steps}
     args = [f"--{k}={v}" for k, v in run.items() if v != train.DEFAULTS[k]]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, 'train.py', *args], capture_output=True, text=True)
+    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
+    proc = subprocess.run([sys.executable, train_py, *args], capture_output=True, text=True)
     if proc.returncode != 0:
         die(f"train.py {' '.join(args)} failed:\n{proc.stderr.strip()}")
     val_loss = float(re.findall(r'val loss ([\d.]+)', proc.stdout)[-1])
@@ -68,16 +82,18 @@ def train_for(config, seconds):
 
 def main(argv):
     cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
-    base, fast = (load_config(train.DEFAULTS, [path]) for path in (cfg.baseline, cfg.speedrun))
     names = list(OPTIONS) if cfg.options == 'all' else [n.strip() for n in cfg.options.split(',')]
     unknown = [n for n in names if n not in OPTIONS]
     if unknown:
         die(f"unknown option(s) {', '.join(unknown)}: pick from {', '.join(OPTIONS)}")
+    base, fast = (load_config(train.DEFAULTS, [path]) for path in (cfg.baseline, cfg.speedrun))
     print(f"{cfg.seconds:g} s of training per run; baseline {cfg.baseline}, speedrun {cfg.speedrun}")
     runs = [('GPT-2 recipe (baseline)', base)]
-    runs += [(f"baseline + {name}", {**base, **{k: fast[k] for k in OPTIONS[name]}}) for name in names]
-    runs += [('speedrun (every option)', fast)]
-    runs += [(f"speedrun - {name}", {**fast, **{k: base[k] for k in OPTIONS[name]}}) for name in names]
+    runs += [(f"baseline + {name}", with_option(base, name, True, base, fast)) for name in names]
+    runs += [('speedrun config', fast)]
+    for name in names:  # the options the speedrun config has are taken out, the others put in
+        has = all(fast[k] == v for k, v in OPTIONS[name].items())
+        runs.append((f"speedrun {'-' if has else '+'} {name}", with_option(fast, name, not has, base, fast)))
     rows = []
     for label, config in runs:
         val_loss, steps, wall = train_for(config, cfg.seconds)
