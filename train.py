@@ -478,7 +478,8 @@ def main(argv):
         if iter_num % cfg.log_interval == 0:
             loss_sum.zero_()
 
-    if ddp:
+    if ddp:  # leave together: a rank that tears down while rank 0 still evaluates and saves can abort
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

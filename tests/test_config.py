@@ -58,7 +58,8 @@ def test_every_shipped_config_loads():
 
 
 def test_lr_schedule():
-    cfg = type('cfg', (), dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110))
+    cfg = type('cfg', (), dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110,
+                               lr_schedule='cosine', cooldown_frac=0.4))
     assert 0 < train.get_lr(0, cfg) < train.get_lr(5, cfg) < 1e-3  # warmup starts above zero
     assert train.get_lr(10, cfg) == pytest.approx(1e-3)  # peak after warmup
     assert train.get_lr(60, cfg) == pytest.approx((1e-3 + 1e-4) / 2)  # half way down the cosine
@@ -66,3 +67,7 @@ def test_lr_schedule():
     assert train.get_lr(10_000, cfg) == 1e-4
     lrs = [train.get_lr(i, cfg) for i in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # decays monotonically
+    cfg.lr_schedule = 'wsd'  # warmup, stable until the last 40% of the 100 decay steps, then linear
+    assert train.get_lr(69, cfg) == pytest.approx(1e-3) and train.get_lr(70, cfg) == pytest.approx(1e-3)
+    assert train.get_lr(90, cfg) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert train.get_lr(110, cfg) == pytest.approx(1e-4)
