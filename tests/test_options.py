@@ -4,6 +4,7 @@ import torch
 
 from conftest import run
 from model import GPT, GPTConfig, load_checkpoint
+from test_train import prepared  # noqa: F401 (fixture)
 
 OPTIONS = {
     'rope': dict(rope=True, rope_base=500.0),
@@ -85,13 +86,6 @@ def test_muon_takes_only_the_blocks_weight_matrices():
     assert {'transformer.wte.weight', 'lm_head.weight', 'transformer.wpe.weight'} <= in_adamw
     assert muon.param_groups[0]['lr'] == 0.02
     assert len(model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')) == 1  # AdamW alone by default
-
-
-@pytest.fixture
-def prepared(tmp_path, small_text):
-    (tmp_path / 'input.txt').write_text(small_text, encoding='utf-8')
-    run('prepare.py', 'tiny_char', '--input=input.txt', cwd=tmp_path)
-    return tmp_path
 
 
 def test_muon_and_all_options_resume_exactly_and_sample(prepared):
