@@ -23,7 +23,7 @@ import torch
 import bench
 import train
 from common import die, load_config, pick_device, pick_dtype
-from model import GPT, GPTConfig
+from model import GPT
 
 # -----------------------------------------------------------------------------
 baseline = 'config/train_shakespeare_char_cpu.py'  # GPT-2's architecture, AdamW, cosine schedule
@@ -59,12 +59,11 @@ def with_option(config, name, on, base, fast):
 def train_for(config, seconds):
     """Train config (a dict of train.py keys) for about `seconds` -> (val loss, steps, wall seconds of the run)."""
     cfg = SimpleNamespace(**config, vocab_size=0, warmup_steps=2, train_steps=8)
-    model_config = GPTConfig(**{key: config[key] for key in train.MODEL_KEYS + ('dropout',)},
-                             vocab_size=bench.vocab_size_of(cfg))
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device.split(':')[0])
     torch.manual_seed(cfg.seed)
-    tokens_per_s = bench.train_speed(cfg, GPT(model_config), device, dtype, use_compile=False)[0]
+    model = GPT(train.model_config(cfg, bench.vocab_size_of(cfg)))
+    tokens_per_s = bench.train_speed(cfg, model, device, dtype, use_compile=False)[0]
     steps = max(10, int(seconds * tokens_per_s / (cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size)))
     scale = steps / config['max_iters']  # the config's schedule, shrunk or stretched to `steps`
     run = {**config, 'max_iters': steps, 'lr_decay_iters': steps, 'eval_interval': steps,

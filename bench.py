@@ -27,7 +27,7 @@ import torch
 
 import train
 from common import autocast_context, load_config, measure_peak_flops, pick_device, pick_dtype, synchronize
-from model import GPT, GPTConfig, add_lora, load_model, merge_lora
+from model import GPT, add_lora, load_model, merge_lora
 from prepare import load_meta
 
 DEFAULTS = {
@@ -106,8 +106,7 @@ def main(argv):
     use_compile = cfg.compile if cfg.compile is not None else device_type == 'cuda'
     if cfg.init_from == 'scratch':
         base = None
-        model_config = GPTConfig(**{key: getattr(cfg, key) for key in train.MODEL_KEYS + ('dropout',)},
-                                 vocab_size=vocab_size_of(cfg))
+        model_config = train.model_config(cfg, vocab_size_of(cfg))
     else:  # init_from's model, its context cropped to block_size
         base = merge_lora(load_model(cfg.init_from, cfg.out_dir, dropout=cfg.dropout)[0])
         base.crop_block_size(min(cfg.block_size, base.config.block_size))

@@ -121,6 +121,11 @@ def batch_rng(seed, *step):
 MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name not in ('dropout', 'vocab_size'))
 
 
+def model_config(cfg, vocab_size):
+    """The GPTConfig that the run's keys describe."""
+    return GPTConfig(**{key: getattr(cfg, key) for key in MODEL_KEYS + ('dropout',)}, vocab_size=vocab_size)
+
+
 def get_lr(it, cfg):
     """Linear warmup (non-zero at step 0), decay to min_lr at lr_decay_iters (cosine, or constant then
     linear for 'wsd'), then min_lr."""
@@ -280,8 +285,7 @@ def main(argv):
         # GPT-2's 50257 tokens padded to 50304, a multiple of 64, makes the head's matmul faster
         vocab_size = meta['vocab_size']
         padded = math.ceil(vocab_size / 64) * 64
-        model = GPT(GPTConfig(**{key: getattr(cfg, key) for key in MODEL_KEYS + ('dropout',)},
-                              vocab_size=padded if padded - vocab_size < 0.01 * vocab_size else vocab_size))
+        model = GPT(model_config(cfg, padded if padded - vocab_size < 0.01 * vocab_size else vocab_size))
     else:
         model, checkpoint = load_model(cfg.init_from, cfg.out_dir, device, cfg.dropout, cfg.lora_dropout)
         # where the weights first came from (a LoRA checkpoint's base), kept across resumes; a path made
