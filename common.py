@@ -13,9 +13,7 @@ from contextlib import ExitStack
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-def die(message):
-    raise SystemExit(f"error: {message}")
+from prepare import die  # defined there, so that prepare.py runs without torch
 
 
 # -----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 
 from common import autocast_context, die, load_config, pick_device, pick_dtype
 from model import load_model, merge_lora
-from prepare import checkpoint_meta, get_tokenizer, load_meta
+from prepare import checkpoint_meta, get_tokenizer, load_meta, open_split
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a checkpoint file or out_dir, or a Hub model: gpt2, owner/name
@@ -85,15 +85,16 @@ def read_tokens(cfg, checkpoint, meta, encode):
     dataset = cfg.dataset or checkpoint.get('config', {}).get('dataset')
     if not dataset:
         die(f"{cfg.init_from} has no dataset of its own: pass --dataset=NAME (prepared by prepare.py) or --input=FILE")
-    path = os.path.join('data', dataset, f'{cfg.split}.bin')
-    if cfg.split not in ('train', 'val') or not os.path.exists(path):
-        die(f"no split '{cfg.split}' of dataset '{dataset}' at {path}: use --split=train or val, after "
+    data_dir = os.path.join('data', dataset)
+    data_meta = load_meta(data_dir) if os.path.isdir(data_dir) else None
+    data = open_split(data_dir, cfg.split, data_meta['dtype']) if data_meta and cfg.split in ('train', 'val') else None
+    if data is None:
+        die(f"no split '{cfg.split}' of dataset '{dataset}' in {data_dir}: use --split=train or val, after "
             f"python prepare.py {dataset} ...")
-    data_meta = load_meta(os.path.dirname(path))
     if data_meta != meta:
         die(f"dataset '{dataset}' is tokenized by {data_meta['tokenizer']} ({data_meta['vocab_size']} tokens), the "
             f"model by {meta['tokenizer']} ({meta['vocab_size']}): use --input=FILE, or a dataset prepared like its own")
-    return f"{dataset} {cfg.split}", np.memmap(path, dtype=data_meta['dtype'], mode='r')
+    return f"{dataset} {cfg.split}", data
 
 
 def main(argv):

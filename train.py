@@ -27,7 +27,7 @@ import torch
 
 from common import autocast_context, die, load_config, measure_peak_flops, pick_device, pick_dtype
 from model import LORA_TARGETS, GPT, GPTConfig, add_lora, load_model, lora_state_dict, merge_lora
-from prepare import load_meta
+from prepare import DATASETS, load_meta, open_split
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on the BPE shakespeare text
@@ -229,15 +229,14 @@ def check_config(cfg):
 def open_dataset(cfg):
     """The dataset's meta and its train/val token streams, memory-mapped."""
     data_dir = os.path.join('data', cfg.dataset)
-    paths = {split: os.path.join(data_dir, f'{split}.bin') for split in ('train', 'val')}
-    if not all(os.path.exists(p) for p in paths.values()):
-        how = f"python prepare.py {cfg.dataset}" + ("" if cfg.dataset.startswith('shakespeare') else " --input=PATH_OR_URL")
-        die(f"dataset '{cfg.dataset}' is not prepared ({paths['train']} is missing): run {how}")
     meta = load_meta(data_dir)
-    splits = {split: np.memmap(path, dtype=meta['dtype'], mode='r') for split, path in paths.items()}
+    splits = {split: open_split(data_dir, split, meta['dtype']) for split in ('train', 'val')}
     for split, data in splits.items():
+        if data is None:
+            how = f"python prepare.py {cfg.dataset}" + ("" if cfg.dataset in DATASETS else " --input=PATH")
+            die(f"dataset '{cfg.dataset}' is not prepared ({data_dir}/{split}.bin is missing): run {how}")
         if len(data) <= cfg.block_size:
-            die(f"{paths[split]} has {len(data)} tokens, too few for block_size {cfg.block_size}: "
+            die(f"the {split} split of {data_dir} has {len(data)} tokens, too few for block_size {cfg.block_size}: "
                 f"use --block_size={max(1, len(data) // 2)} or more text")
     return meta, splits
 

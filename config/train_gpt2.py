@@ -1,7 +1,9 @@
 # GPT-2 (124M) on one node of 8 GPUs:
 #   torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 # 12 batch * 1024 block * 5 micro-steps * 8 GPUs = 491,520 tokens per step; 600k steps is ~300B tokens.
-# Needs a large BPE dataset: python prepare.py NAME --input=PATH_OR_URL, then --dataset=NAME.
+# Data: python prepare.py fineweb10B --shards=103 (FineWeb, 10.3B GPT-2 tokens: 600k steps read it ~29 times),
+# or your own: python prepare.py NAME --input=PATH, then --dataset=NAME.
+dataset = 'fineweb10B'
 
 wandb_log = False
 wandb_project = 'owt'

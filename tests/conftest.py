@@ -16,10 +16,10 @@ if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(os.path.join(SHARED,
 SHAKESPEARE = os.path.join(SHARED, 'data', 'tinyshakespeare', 'input.txt')
 
 
-def run(script, *args, cwd, check=True, timeout=300):
-    """Run one of the project's scripts as a user would, in cwd; return the finished process."""
+def run(script, *args, cwd, check=True, timeout=300, env=None):
+    """Run one of the project's scripts as a user would, in cwd (with env added); return the finished process."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+                          text=True, timeout=timeout, env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -49,32 +49,44 @@ def small_text():
 
 @pytest.fixture
 def http_server(tmp_path):
-    """A real HTTP server on 127.0.0.1 serving tmp_path/www -> (url, root, state). The first
-    state['fail_first'] GETs answer 503; a path in state['truncate'] gets half its body that many times,
-    then the connection closes; state['paths'] lists every GET."""
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www -> (url, root, state). It answers Range requests
+    (206); the first state['fail_first'] GETs answer 503; a path in state['truncate'] gets half of its body that
+    many times, then the connection closes; a path in state['etags'] is sent with that X-Linked-Etag (as the
+    Hugging Face Hub sends a file's SHA-256). state['paths'] lists every GET, state['ranges'] their Range headers."""
     root = tmp_path / 'www'
     root.mkdir()
-    state = {'fail_first': 0, 'requests': 0, 'truncate': {}, 'paths': []}
+    state = {'fail_first': 0, 'requests': 0, 'truncate': {}, 'etags': {}, 'paths': [], 'ranges': []}
 
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(root), **kwargs)
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = 'HTTP/1.1'
 
         def do_GET(self):
             state['requests'] += 1
             state['paths'].append(self.path)
+            state['ranges'].append(self.headers.get('Range'))
+            file = root / self.path.split('?')[0].lstrip('/')
             if state['requests'] <= state['fail_first']:
-                self.send_error(503, 'try again')
-            elif state['truncate'].get(self.path, 0) > 0:
+                return self.send_error(503, 'try again')
+            if not file.is_file():
+                return self.send_error(404, 'no such file')
+            body, start = file.read_bytes(), 0
+            if self.headers.get('Range'):  # only the form clients use to resume: bytes=START-
+                start = int(self.headers['Range'].removeprefix('bytes=').rstrip('-'))
+                if start >= len(body):
+                    return self.send_error(416, 'range not satisfiable')
+            self.send_response(206 if start else 200)
+            if start:
+                self.send_header('Content-Range', f'bytes {start}-{len(body) - 1}/{len(body)}')
+            if self.path in state['etags']:
+                self.send_header('X-Linked-Etag', f'"{state["etags"][self.path]}"')
+            self.send_header('Content-Length', str(len(body) - start))
+            self.end_headers()
+            if state['truncate'].get(self.path, 0) > 0:
                 state['truncate'][self.path] -= 1
-                body = (root / self.path.lstrip('/')).read_bytes()
-                self.send_response(200)
-                self.send_header('Content-Length', str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[:len(body) // 2])
+                self.wfile.write(body[start:start + (len(body) - start) // 2])
                 self.close_connection = True
             else:
-                super().do_GET()
+                self.wfile.write(body[start:])
 
         def log_message(self, *args):
             pass

@@ -1,6 +1,9 @@
+import os
 import re
 
-from conftest import run
+import pytest
+
+from conftest import SHAKESPEARE, gpt2_bpe_available, run
 
 
 def test_bench_quick_mode_prints_its_table(tmp_path):
@@ -16,3 +19,14 @@ def test_bench_quick_mode_prints_its_table(tmp_path):
         assert float(cells[2].rstrip('%').replace(',', '')) > 0 and float(cells[4].rstrip('%').replace(',', '')) > 0
     ratios = re.findall(r'\| ([\d.]+)x \|', out)
     assert len(ratios) == 2 and all(float(r) > 0 for r in ratios)
+
+
+@pytest.mark.skipif(not (gpt2_bpe_available() and os.path.exists(SHAKESPEARE)), reason="needs the BPE files and tiny shakespeare")
+def test_bench_prepare_quick_mode_prints_its_table(tmp_path):
+    out = run('bench_prepare.py', '--mb=0.5', f'--source={SHAKESPEARE}', '--workdir=work', cwd=tmp_path).stdout
+    rows = [line for line in out.splitlines() if re.match(r'\| [\d.]+ MB \|', line)]
+    assert len(rows) == 2, out
+    for row in rows:
+        cells = [float(c.strip().rstrip('x').replace(',', '')) for c in row.strip('|').split('|')[1:]]
+        assert len(cells) == 5 and all(c > 0 for c in cells)
+    assert not (tmp_path / 'work').exists()  # the corpora are deleted

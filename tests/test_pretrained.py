@@ -113,13 +113,19 @@ def test_a_truncated_download_is_never_used(hub, tmp_path, monkeypatch):
     source = tiny_gpt2(2)
     publish(root, 'tiny-gpt2', source)
     weights = '/tiny-gpt2/resolve/main/model.safetensors'
-    state['truncate'][weights] = 3  # every one of the three tries is cut in half
+    state['truncate'][weights] = 3  # every one of the three tries is cut in half (of what is left)
     with pytest.raises(SystemExit, match='after 3 tries'):
         load_model('tiny-gpt2')
-    assert os.listdir(tmp_path / 'hf_home' / 'gptforge' / 'tiny-gpt2') == ['config.json']  # no weights, no .part
-    state['truncate'][weights] = 1  # cut once, then whole
+    cache = tmp_path / 'hf_home' / 'gptforge' / 'tiny-gpt2'
+    assert sorted(os.listdir(cache)) == ['config.json', 'model.safetensors.part']  # no weights, only a .part
+    part_size, size = (cache / 'model.safetensors.part').stat().st_size, (root / weights.lstrip('/')).stat().st_size
+    assert size // 2 <= part_size < size  # what arrived is kept, to resume from
+    state['truncate'][weights] = 1  # cut once more, then the rest: the next load resumes the .part
     model, _ = load_model('tiny-gpt2')
     assert_same_function(model, source)
+    resumed = [r for p, r in zip(state['paths'], state['ranges']) if p == weights][3:]
+    assert len(resumed) == 2 and resumed[0] == f'bytes={part_size}-' and resumed[1] > resumed[0]
+    assert sorted(os.listdir(cache)) == ['config.json', 'model.safetensors']
 
 
 def test_bad_repositories_are_one_line_errors(hub, tmp_path):
