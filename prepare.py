@@ -26,7 +26,11 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
+import signal
 import time
+from contextlib import nullcontext
+from urllib.parse import urlsplit
 
 import numpy as np
 import requests
@@ -48,6 +52,7 @@ FINEWEB_REPO = 'kjj0/fineweb10B-gpt2'  # the speedrun's shards: fineweb_val_0000
 FINEWEB_TRAIN_SHARDS = 103
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256  # a header of 256 int32, then uint16 tokens
 PIECE_CHARS = 1 << 20  # the unit of a tokenizer worker's work: about 60 ms of GPT-2 BPE
+CUT = re.compile(r'[ \t\n\r\v\f](?=\S)')  # where pieces() cuts; ASCII: tiktoken's \s differs from Python's beyond it
 LARGE_FILE = 64 << 20  # bytes: a text file larger than this is read in chunks, never held in memory whole
 INCOMPLETE = 'prepare-incomplete'  # present while prepare.py replaces a dataset: load_meta refuses the directory
 TEXT_SUFFIXES, JSONL_SUFFIX = ('.txt', '.md'), '.jsonl'
@@ -101,13 +106,14 @@ def array_encoder(meta):
 
 
 def load_meta(data_dir):
-    """The dataset's meta.json; a directory without one holds GPT-2 tokens, as in nanoGPT."""
+    """The dataset's tokenizer, vocab_size and dtype from its meta.json (not its list of shards, which
+    open_split reads); a directory without one holds GPT-2 tokens, as in nanoGPT."""
     if os.path.exists(os.path.join(data_dir, INCOMPLETE)):
         die(f"{data_dir} is incomplete: a prepare.py writing it was interrupted; run it again")
     path = os.path.join(data_dir, 'meta.json')
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            return {key: value for key, value in json.load(f).items() if key != 'shards'}
     if os.path.exists(os.path.join(data_dir, 'meta.pkl')):  # nanoGPT's, which we don't unpickle
         die(f"{data_dir} has nanoGPT's meta.pkl but no meta.json: run python prepare.py "
             f"{os.path.basename(data_dir)} --input=<its input.txt> to write meta.json")
@@ -129,16 +135,23 @@ def token_dtype(vocab_size):
 
 def open_split(data_dir, split, dtype):
     """A split's tokens, indexable like one array: data/<name>/<split>.bin memory-mapped, or else the shards
-    *_<split>_*.bin in name order, read as one stream. None if there are neither."""
+    meta.json lists for it (without a list, every *_<split>_*.bin), read as one stream. None if neither exists."""
     path = os.path.join(data_dir, f'{split}.bin')
     if os.path.exists(path):
         return np.memmap(path, dtype=dtype, mode='r')
-    shards = [shard_tokens(p) for p in sorted(glob.glob(os.path.join(data_dir, f'*_{split}_*.bin')))]
+    listed, meta_path = {}, os.path.join(data_dir, 'meta.json')
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            listed = json.load(f).get('shards', {})
+    names = listed.get(split) or sorted(os.path.basename(p) for p in glob.glob(os.path.join(data_dir, f'*_{split}_*.bin')))
+    shards = [shard_tokens(os.path.join(data_dir, name)) for name in names]
     return None if not shards else shards[0] if len(shards) == 1 else TokenShards(shards)
 
 
 def shard_tokens(path):
     """The uint16 tokens of a shard file, memory-mapped past its header, which is checked."""
+    if not os.path.exists(path):
+        die(f"{path} is missing: run prepare.py again to download it")
     header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER_INTS)
     n_header = SHARD_HEADER_INTS * 4
     if len(header) < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
@@ -174,73 +187,88 @@ class TokenShards:
 
 def download(url, path, retries=3, timeout=30, headers=None, missing_ok=False, sha256=None):
     """Stream url to path through path.part, renamed into place only when complete. A dropped connection or
-    an interrupted run is resumed from the .part file with an HTTP Range request. The SHA-256 is checked
-    where one is known: given, or sent by the server (the Hugging Face Hub's X-Linked-Etag).
+    an interrupted run resumes from the .part file with an HTTP Range request, guarded by If-Range (the ETag
+    or Last-Modified of the first response, kept in path.part.etag): a file changed meanwhile starts over.
+    The SHA-256 is checked where one is known: given, or sent by the server (the Hub's X-Linked-Etag).
 
     Returns True when done. An HTTP 4xx (no such file) stops with an error, or returns False with missing_ok.
     """
     from tqdm import tqdm
     headers = {**(headers or {}), 'Accept-Encoding': 'identity'}  # byte ranges of the file itself, not of a gzip
-    if os.path.exists(path):
-        return True
-    with open(f'{path}.part', 'a+b') as part:
+    etag_path = f'{path}.part.etag'
+    while not os.path.exists(path):
+        part = open(f'{path}.part', 'a+b')
         if fcntl:
             fcntl.flock(part, fcntl.LOCK_EX)  # one process downloads a file at a time; the others wait here
-        if os.path.exists(path):  # ...and find it done
-            if part.seek(0, os.SEEK_END) == 0 and os.path.exists(f'{path}.part'):
-                os.remove(f'{path}.part')
-            return True
-        for attempt in range(1, retries + 1):
-            offset = part.seek(0, os.SEEK_END)
-            try:
-                with requests.get(url, stream=True, timeout=timeout,
-                                  headers={**headers, **({'Range': f'bytes={offset}-'} if offset else {})}) as response:
-                    if response.status_code == 416:  # the partial file is no prefix of this one: start over
-                        part.truncate(0)
-                        raise requests.ConnectionError("the server refused to resume the partial download")
-                    response.raise_for_status()
-                    if response.status_code != 206:  # the whole file, not the rest of it
-                        part.truncate(0)
-                        offset = 0
-                    size = int(response.headers.get('content-length', 0))
-                    total = offset + size if size else None
-                    expected_sha256 = sha256 or hub_sha256(response)
-                    with tqdm(total=total, initial=offset, unit='B', unit_scale=True,
-                              desc=f"downloading {os.path.basename(path)}") as bar:
-                        for chunk in response.iter_content(chunk_size=1 << 16):  # a dropped connection loses <= 64 KiB
-                            part.write(chunk)
-                            bar.update(len(chunk))
-                    if total and bar.n != total:  # urllib3 2 raises on a short body itself; older ones don't
-                        raise requests.ConnectionError(f"the connection closed after {bar.n} of {total} bytes")
-                part.flush()
-                if expected_sha256 and file_sha256(f'{path}.part') != expected_sha256:
-                    part.truncate(0)
-                    die(f"{url} does not have the expected SHA-256 {expected_sha256}: "
-                        "the download was deleted; run again, or check the URL")
-                os.replace(f'{path}.part', path)
-                return True
-            except requests.HTTPError as e:
-                if e.response.status_code < 500:  # 404 and friends won't change on a retry
-                    os.remove(f'{path}.part')
-                    if missing_ok:
-                        return False
-                    die(f"could not download {url}: HTTP {e.response.status_code}: check the URL")
-                error = e
-            except requests.RequestException as e:
-                error = e
-            if attempt < retries:
-                time.sleep(attempt)  # a short, growing pause before trying again
-        if part.seek(0, os.SEEK_END) == 0:  # nothing to resume from
-            os.remove(f'{path}.part')
-    die(f"could not download {url} after {retries} tries ({type(error).__name__}): check the URL and "
-        f"the network, then run again to resume it (or save the file yourself as {path})")
+        if os.fstat(part.fileno()).st_nlink == 0 or os.path.exists(path):  # done or deleted while we waited
+            part.close()
+            continue
+        with part:
+            for attempt in range(1, retries + 1):
+                offset = part.seek(0, os.SEEK_END)
+                validator = offset and os.path.exists(etag_path) and open(etag_path).read()
+                if offset and not validator and not sha256:  # nothing would tell us the file changed: start over
+                    offset = part.truncate(0)
+                resume = {'Range': f'bytes={offset}-', 'If-Range': validator} if offset else {}
+                try:
+                    with requests.get(url, stream=True, timeout=timeout, headers={**headers, **resume}) as response:
+                        expected_sha256 = sha256 or hub_sha256(response)
+                        if response.status_code == 416:  # nothing after offset: complete (killed before the
+                            if not response.headers.get('content-range', '').endswith(f'/{offset}'):  # rename)...
+                                part.truncate(0)  # ...or longer than the file: start over
+                                raise requests.ConnectionError(f"the partial file is longer than {url}")
+                        else:
+                            response.raise_for_status()
+                            if response.status_code != 206:  # the whole file (new or changed), not the rest of it
+                                offset = part.truncate(0)
+                                etag = response.headers.get('etag', '')
+                                with open(etag_path, 'w') as f:  # a weak ETag can't validate byte ranges
+                                    f.write(etag if etag and not etag.startswith('W/')
+                                            else response.headers.get('last-modified', ''))
+                            size = int(response.headers.get('content-length', 0))
+                            total = offset + size if size else None
+                            with tqdm(total=total, initial=offset, unit='B', unit_scale=True,
+                                      desc=f"downloading {os.path.basename(path)}") as bar:
+                                for chunk in response.iter_content(chunk_size=1 << 16):  # a drop loses <= 64 KiB
+                                    part.write(chunk)
+                                    bar.update(len(chunk))
+                            if total and bar.n != total:  # urllib3 2 raises on a short body itself; older ones don't
+                                raise requests.ConnectionError(f"the connection closed after {bar.n} of {total} bytes")
+                    part.flush()
+                    if expected_sha256 and file_sha256(part.name) != expected_sha256:
+                        os.remove(part.name)
+                        die(f"{url} does not have the expected SHA-256 {expected_sha256}: "
+                            "the download was deleted; run again, or check the URL")
+                    os.replace(part.name, path)
+                    if os.path.exists(etag_path):
+                        os.remove(etag_path)
+                    return True
+                except requests.HTTPError as e:
+                    status = e.response.status_code
+                    if 400 <= status < 500 and status not in (408, 429):  # no such file, or no access: no retry
+                        if status in (404, 410):
+                            os.remove(part.name)
+                            if missing_ok:
+                                return False
+                        die(f"could not download {url}: HTTP {status}: check the URL" +
+                            (" (and $HF_TOKEN, for a private repository)" if status in (401, 403) else ""))
+                    error = f"HTTP {status}"
+                except requests.RequestException as e:
+                    error = type(e).__name__
+                if attempt < retries:
+                    time.sleep(attempt)  # a short, growing pause before trying again
+            if part.seek(0, os.SEEK_END) == 0:  # nothing to resume from
+                os.remove(part.name)
+        die(f"could not download {url} after {retries} tries ({error}): check the URL and the network, "
+            f"then run again to resume it (or save the file yourself as {path})")
+    return True
 
 
 def hub_sha256(response):
     """The SHA-256 the Hugging Face Hub sends for a large file (on the redirect to its storage), if any."""
     for r in (*response.history, response):
         etag = r.headers.get('x-linked-etag', '').strip('"')
-        if len(etag) == 64 and all(c in '0123456789abcdef' for c in etag):
+        if re.fullmatch('[0-9a-f]{64}', etag):
             return etag
     return None
 
@@ -262,7 +290,10 @@ def input_files(name, input_path, data_dir):
     input_path = input_path and os.path.expanduser(input_path)  # --input=~/notes: the shell leaves that ~ alone
     if not input_path or input_path.startswith(('http://', 'https://')):
         url, sha256 = (input_path, None) if input_path else DATASETS.get(name, (None, None))[:2]
-        path = os.path.join(data_dir, os.path.basename(url.rstrip('/')) if input_path else 'input.txt')
+        filename = os.path.basename(urlsplit(input_path).path.rstrip('/')) if input_path else 'input.txt'
+        if not filename or filename in ('train.bin', 'val.bin', 'meta.json') or filename.endswith('.tmp'):
+            filename = f'downloaded-{filename or "input.txt"}'  # never one of the dataset's own files
+        path = os.path.join(data_dir, filename)
         if os.path.exists(path):
             print(f"using {path}" + (f" (delete it to download {url} again)" if url else ""))
         elif url is None:
@@ -310,6 +341,8 @@ def jsonl_text(line, path, line_no):
         die(f"{path}, line {line_no}, is not a JSON object: every line of a .jsonl file must be one")
     if not isinstance(text, str):
         die(f'{path}, line {line_no}, has no "text" string: the document\'s text must be there')
+    if b'\\ud' in line.lower():  # an escaped surrogate: one without its pair is no text, and becomes U+FFFD
+        text = re.sub('[\ud800-\udfff]', '\ufffd', text)
     return text.replace('\r\n', '\n').replace('\r', '\n')
 
 
@@ -322,7 +355,7 @@ class TextFile:
     def __iter__(self):
         done = 0
         try:
-            with open(self.path, encoding='utf-8') as f:  # universal newlines
+            with open(self.path, encoding='utf-8-sig') as f:  # without a byte-order mark; universal newlines
                 while chunk := f.read(PIECE_CHARS):
                     if self.progress:
                         self.progress(f.buffer.tell() - done)
@@ -333,20 +366,19 @@ class TextFile:
 
 
 def pieces(chunks):
-    """A document's text re-cut into pieces of about PIECE_CHARS or more, each ending at a newline with
-    non-space characters on both sides. GPT-2's tokenizer always splits there, so tokenizing piece by piece
-    gives the same tokens as the whole text, however many workers there are."""
+    """A document's text re-cut into pieces of a little over PIECE_CHARS, each cut just before an ASCII
+    whitespace that precedes a non-space: GPT-2's tokenizer always starts a new word there, so tokenizing piece
+    by piece gives the same tokens as the whole text, however many workers there are."""
     rest = ''
     for chunk in chunks:
         rest += chunk
-        if len(rest) >= PIECE_CHARS:
-            cut = rest.rfind('\n', 1, len(rest) - 1)
-            while cut > 0 and (rest[cut - 1].isspace() or rest[cut + 1].isspace()):
-                cut = rest.rfind('\n', 1, cut)
-            if cut > 0 or len(rest) > 16 * PIECE_CHARS:  # a text without such lines is cut anywhere, rarely
-                cut = cut + 1 if cut > 0 else len(rest)
-                yield rest[:cut]
-                rest = rest[cut:]
+        while len(rest) > PIECE_CHARS:
+            cut = CUT.search(rest, PIECE_CHARS)
+            if cut is None and len(rest) < 16 * PIECE_CHARS:
+                break  # wait for more text
+            end = cut.start() if cut else len(rest)  # a text without spaces is cut anywhere, rarely
+            yield rest[:end]
+            rest = rest[end:]
     if rest:
         yield rest
 
@@ -423,8 +455,11 @@ def batches(items):
     yield from (batch for batch in open_batches.values() if batch)
 
 
-def start_worker(meta):
+def start_worker(meta, in_pool=False):
     global worker_encode, worker_dtype
+    if in_pool:  # Ctrl-C is the main process's to handle: it stops the pool, with SIGTERM, which ends a worker
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     worker_encode, worker_dtype = array_encoder(meta), meta['dtype']
 
 
@@ -465,9 +500,12 @@ def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='
     os.makedirs(data_dir, exist_ok=True)
     t0 = time.time()
     files = input_files(name, input_path, data_dir)
-    if sum(os.path.getsize(p) for p in files) == 0:
+    n_bytes = sum(os.path.getsize(p) for p in files)
+    if n_bytes == 0:
         die(f"{input_path or files[0]} is empty: there is nothing to train on")
-    single_text = len(files) == 1 and not files[0].endswith(JSONL_SUFFIX)  # split by position, not by document
+    # one text file (not a directory or glob) is split by position, anything else by document
+    single_text = not (input_path and (os.path.isdir(os.path.expanduser(input_path)) or glob.has_magic(input_path))) \
+        and not files[0].endswith(JSONL_SUFFIX)
     chars, n_chars = characters(files) if tokenizer == 'char' or single_text else (None, None)
     if tokenizer == 'char':
         meta = {'tokenizer': 'char', 'vocab_size': len(chars), 'chars': list(chars)}
@@ -476,41 +514,36 @@ def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='
     meta['dtype'] = token_dtype(meta['vocab_size'])
 
     # read, choose and cut the documents here; workers tokenize; their tokens are appended to temporary files
+    start_worker(meta)  # here first: a tokenizer that can't load stops us now, not each worker in a loop
     counts, tokens = collections.Counter(), collections.Counter()
     split_at = int(n_chars * (1 - val_fraction)) if single_text else None
     tmp = {split: os.path.join(data_dir, f'{split}.bin.tmp') for split in ('train', 'val')}
-    with open(tmp['train'], 'wb') as train_file, open(tmp['val'], 'wb') as val_file, \
-            tqdm(total=sum(os.path.getsize(p) for p in files), unit='B', unit_scale=True,
-                 desc=f'tokenizing ({workers} workers)') as bar:
-        out = {'train': train_file, 'val': val_file}
-        documents = kept_documents(read_documents(files, bar.update), val_fraction, min_length,
-                                   dedup and not single_text, counts)
-        tasks = batches(runs(documents, split_at, separate=tokenizer == 'gpt2' and not single_text))
-        if workers == 1:
-            start_worker(meta)
-            results = map(encode_batch, tasks)
-        else:  # processes, not threads: the GIL would serialise what tiktoken does in Python
-            pool = multiprocessing.Pool(workers, initializer=start_worker, initargs=(meta,))
-            results = ordered_map(pool, encode_batch, tasks, window=4 * workers)
-        try:
+    try:
+        # worker processes, as reading, hashing and cutting the text here hold the GIL
+        with open(tmp['train'], 'wb') as train_file, open(tmp['val'], 'wb') as val_file, \
+                tqdm(total=n_bytes, unit='B', unit_scale=True, desc=f'tokenizing ({workers} workers)') as bar, \
+                (multiprocessing.Pool(workers, start_worker, (meta, True)) if workers > 1 else nullcontext()) as pool:
+            out = {'train': train_file, 'val': val_file}
+            documents = kept_documents(read_documents(files, bar.update), val_fraction, min_length,
+                                       dedup and not single_text, counts)
+            tasks = batches(runs(documents, split_at, separate=tokenizer == 'gpt2' and not single_text))
+            results = ordered_map(pool, encode_batch, tasks, window=4 * workers) if pool else map(encode_batch, tasks)
             for split, ids in results:
                 ids.tofile(out[split])
                 tokens[split] += len(ids)
-            for split in ('train', 'val'):
-                if tokens[split] == 0:
-                    die(f"no {split} text in {input_path or files[0]}: {counts['documents']:,} documents, "
-                        f"{counts['train']:,} for train and {counts['val']:,} for val, the others removed as empty, "
-                        "short or duplicates: give more text" + (", or change --val_fraction" if single_text else ""))
-        except BaseException:  # a failure or Ctrl-C: the old dataset stays, without our leftovers
-            for path in tmp.values():
-                os.remove(path)
-            raise
-        finally:
-            if workers > 1:
-                pool.terminate()
+        for split in ('train', 'val'):
+            if tokens[split] == 0:
+                die(f"no {split} text in {input_path or files[0]}: of {counts['documents']:,} documents, "
+                    f"{counts['duplicates']:,} were duplicates and {counts['too short']:,} empty or shorter than "
+                    f"--min_length; {counts['train']:,} went to train and {counts['val']:,} to val: "
+                    + ("give more text" if split == 'train' or not single_text else "use a larger --val_fraction"))
+    except BaseException:  # a failure or Ctrl-C: the old dataset stays, without our leftovers
+        for path in tmp.values():
+            os.remove(path)
+        raise
     replace_dataset(data_dir, tmp, meta)
 
-    seconds, n_bytes = time.time() - t0, sum(os.path.getsize(p) for p in files)
+    seconds = time.time() - t0
     if single_text:
         print(f"one text of {n_chars:,} characters, split by position")
     else:
@@ -545,14 +578,15 @@ def prepare_fineweb(shards, data_root='data'):
     os.makedirs(data_dir, exist_ok=True)
     open(os.path.join(data_dir, INCOMPLETE), 'w').close()  # until every shard is here
     endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
+    names = {'val': ['fineweb_val_000000.bin'], 'train': [f'fineweb_train_{i:06d}.bin' for i in range(1, shards + 1)]}
     n_tokens = collections.Counter()
-    for filename in ['fineweb_val_000000.bin'] + [f'fineweb_train_{i:06d}.bin' for i in range(1, shards + 1)]:
+    for split, filename in [(split, filename) for split in ('val', 'train') for filename in names[split]]:
         path = os.path.join(data_dir, filename)
         if not os.path.exists(path):
             download(f'{endpoint}/datasets/{FINEWEB_REPO}/resolve/main/{filename}', path)
-        n_tokens[filename.split('_')[1]] += len(shard_tokens(path))
-    with open(os.path.join(data_dir, 'meta.json'), 'w') as f:
-        json.dump({'tokenizer': 'gpt2', 'vocab_size': GPT2_VOCAB_SIZE, 'dtype': 'uint16'}, f)
+        n_tokens[split] += len(shard_tokens(path))
+    with open(os.path.join(data_dir, 'meta.json'), 'w') as f:  # the shards train.py reads: no more, no fewer
+        json.dump({'tokenizer': 'gpt2', 'vocab_size': GPT2_VOCAB_SIZE, 'dtype': 'uint16', 'shards': names}, f)
     os.remove(os.path.join(data_dir, INCOMPLETE))
     print(f"wrote {data_dir}: {shards} training shards ({n_tokens['train']:,} tokens), val {n_tokens['val']:,} tokens")
     return data_dir
@@ -574,8 +608,12 @@ if __name__ == '__main__':
     name = args.name or args.name_flag
     if not name:
         parser.error("give a dataset name: python prepare.py shakespeare_char, or --name=NAME --input=PATH")
-    if name == 'fineweb10B' and not args.input:
-        prepare_fineweb(args.shards)
-    else:
-        prepare(name, args.input, args.tokenizer, args.val_fraction, workers=args.workers,
-                min_length=args.min_length, dedup=args.dedup)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up as Ctrl-C does
+    try:
+        if name == 'fineweb10B' and not args.input:
+            prepare_fineweb(args.shards)
+        else:
+            prepare(name, args.input, args.tokenizer, args.val_fraction, workers=args.workers,
+                    min_length=args.min_length, dedup=args.dedup)
+    except KeyboardInterrupt:
+        die("interrupted: run the same command again to start over (a download resumes where it stopped)")

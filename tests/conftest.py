@@ -1,3 +1,4 @@
+import hashlib
 import http.server
 import os
 import subprocess
@@ -49,10 +50,12 @@ def small_text():
 
 @pytest.fixture
 def http_server(tmp_path):
-    """A real HTTP server on 127.0.0.1 serving tmp_path/www -> (url, root, state). It answers Range requests
-    (206); the first state['fail_first'] GETs answer 503; a path in state['truncate'] gets half of its body that
-    many times, then the connection closes; a path in state['etags'] is sent with that X-Linked-Etag (as the
-    Hugging Face Hub sends a file's SHA-256). state['paths'] lists every GET, state['ranges'] their Range headers."""
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www -> (url, root, state). It sends an ETag (a hash of
+    the file) and answers Range requests with 206, unless If-Range names another ETag. The first
+    state['fail_first'] GETs answer state['fail_status'] (503 if unset); a path in state['truncate'] gets half of
+    its body that many times, then the connection closes; a path in state['etags'] is sent with that
+    X-Linked-Etag (as the Hugging Face Hub sends a file's SHA-256). state['paths'] lists every GET,
+    state['ranges'] their Range headers."""
     root = tmp_path / 'www'
     root.mkdir()
     state = {'fail_first': 0, 'requests': 0, 'truncate': {}, 'etags': {}, 'paths': [], 'ranges': []}
@@ -66,15 +69,20 @@ def http_server(tmp_path):
             state['ranges'].append(self.headers.get('Range'))
             file = root / self.path.split('?')[0].lstrip('/')
             if state['requests'] <= state['fail_first']:
-                return self.send_error(503, 'try again')
+                return self.send_error(state.get('fail_status', 503), 'try again')
             if not file.is_file():
                 return self.send_error(404, 'no such file')
             body, start = file.read_bytes(), 0
-            if self.headers.get('Range'):  # only the form clients use to resume: bytes=START-
+            etag = f'"{hashlib.sha1(body).hexdigest()}"'
+            if self.headers.get('Range') and self.headers.get('If-Range', etag) == etag:  # the form used to resume
                 start = int(self.headers['Range'].removeprefix('bytes=').rstrip('-'))
                 if start >= len(body):
-                    return self.send_error(416, 'range not satisfiable')
+                    self.send_response(416)
+                    self.send_header('Content-Range', f'bytes */{len(body)}')
+                    self.send_header('Content-Length', '0')
+                    return self.end_headers()
             self.send_response(206 if start else 200)
+            self.send_header('ETag', etag)
             if start:
                 self.send_header('Content-Range', f'bytes {start}-{len(body) - 1}/{len(body)}')
             if self.path in state['etags']:

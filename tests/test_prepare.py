@@ -160,7 +160,9 @@ def test_tokens_match_tiktoken_on_whole_documents_for_any_number_of_workers(tmp_
     monkeypatch.setattr(prepare_module, 'PIECE_CHARS', 2000)  # documents of many pieces, batches of many documents
     rng = np.random.default_rng(0)
     docs = [small_text[a:a + n] for a, n in zip(rng.integers(0, 50_000, 40), rng.integers(10, 9000, 40))]
-    docs += ['the text of <|endoftext|> is just text', 'x' * 5000 + '  \n\n  ' + 'word ' * 1000]
+    docs += ['the text of <|endoftext|> is just text', 'x' * 5000 + '  \n\n  ' + 'word ' * 1000,
+             '\n\n'.join(line + ' ' for line in small_text.split('\n')[:2000])]  # blank lines, lines ending in a space
+    assert max(len(piece) for piece in prepare_module.pieces([docs[-1]])) < 2000 + 20  # a document in many pieces
     (tmp_path / 'in.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
     outputs = []
     for workers in (1, 3):
@@ -175,6 +177,23 @@ def test_tokens_match_tiktoken_on_whole_documents_for_any_number_of_workers(tmp_
         assert np.frombuffer(data, dtype=np.uint16).tolist() == expected[split]
 
 
+@needs_bpe
+def test_large_files_are_streamed_with_the_same_tokens(tmp_path, small_text, monkeypatch):
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    monkeypatch.setattr(prepare_module, 'PIECE_CHARS', 3000)
+    monkeypatch.setattr(prepare_module, 'LARGE_FILE', 10_000)  # bytes: files above it are read in chunks
+    (tmp_path / 'in').mkdir()
+    docs = [small_text[:50_000], small_text[:5000], small_text[:50_000], small_text[5000:60_000]]  # one duplicate
+    for i, doc in enumerate(docs):
+        (tmp_path / 'in' / f'{i}.txt').write_text(doc)
+    data_dir = prepare('big', str(tmp_path / 'in'), val_fraction=0.3, data_root=str(tmp_path / 'data'))
+    train, val = (np.fromfile(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16).tolist()
+                  for split in ('train', 'val'))
+    assert val == [GPT2_EOT] + enc.encode_ordinary(docs[0])
+    assert train == [GPT2_EOT] + enc.encode_ordinary(docs[1]) + [GPT2_EOT] + enc.encode_ordinary(docs[3])
+
+
 def test_char_documents_share_one_vocabulary(tmp_path):
     (tmp_path / 'in').mkdir()
     for i, text in enumerate(['abc\n', 'héllo\r\n', 'abc\n', 'xyz' * 5]):
@@ -185,6 +204,15 @@ def test_char_documents_share_one_vocabulary(tmp_path):
     _, decode = get_tokenizer(meta)
     assert meta['chars'] == sorted(set('abc\nhélloxyz'))  # no \r: line endings are normalised
     assert decode(val.tolist()) == 'abc\n' and decode(train.tolist()) == 'héllo\n' + 'xyz' * 5  # no separators
+
+
+def test_a_lone_surrogate_in_jsonl_becomes_a_replacement_character(tmp_path):
+    (tmp_path / 'in.jsonl').write_text('{"text": "a\\ud800b"}\n{"text": "emoji \\ud83d\\ude00 ok"}\n')
+    prepare('s_char', str(tmp_path / 'in.jsonl'), val_fraction=0.5, data_root=str(tmp_path / 'data'))
+    val, meta = read_split(tmp_path / 'data' / 's_char', 'val')
+    train, _ = read_split(tmp_path / 'data' / 's_char', 'train')
+    _, decode = get_tokenizer(meta)
+    assert decode(val.tolist()) == 'a\ufffdb' and decode(train.tolist()) == 'emoji \U0001F600 ok'
 
 
 def test_prepare_rejects_bad_documents_in_one_line(tmp_path):
@@ -229,6 +257,20 @@ def test_an_interrupted_prepare_never_leaves_a_dataset_that_looks_complete(tmp_p
     assert proc.returncode == -signal.SIGKILL  # killed mid-way, not finished
     assert {n: open(os.path.join(data_dir, n), 'rb').read() for n in old} == old
 
+    # Ctrl-C (SIGINT to the process group, workers included): a one-line message, and no leftovers
+    os.remove(tmp_train)  # what the killed run left; the next run would overwrite it
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'prepare.py'), 'd_char', f'--input={big}',
+                             '--tokenizer=gpt2', '--workers=2'], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if ours ignores it
+    while not (os.path.exists(tmp_train) and os.path.getsize(tmp_train) > 0) and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    stderr = proc.communicate()[1]
+    assert proc.returncode == 1 and 'error: interrupted' in stderr and 'Traceback' not in stderr, stderr
+    assert {n: open(os.path.join(data_dir, n), 'rb').read() for n in old} == old
+    assert sorted(os.listdir(data_dir)) == ['meta.json', 'train.bin', 'val.bin']
+
     # killed while the new files are moved into place: train.py refuses the dataset
     real_replace, calls = os.replace, []
 
@@ -269,13 +311,17 @@ def test_a_dropped_download_resumes_where_it_stopped(tmp_path, http_server, smal
     assert open(os.path.join(data_dir, 'input.txt')).read() == text
     assert not os.path.exists(os.path.join(data_dir, 'input.txt.part'))
 
-    # an interrupted run left a .part: the next run resumes it
-    (root / 'other.txt').write_text(text)
-    part = tmp_path / 'data' / 'r_char' / 'other.txt.part'
-    part.write_bytes(text.encode()[:1000])
-    prepare('r_char', f'{url}/other.txt', data_root=str(tmp_path / 'data'))
-    assert state['ranges'][-1] == 'bytes=1000-'
-    assert open(os.path.join(data_dir, 'other.txt')).read() == text and not part.exists()
+    # an interrupted run left a .part and the file's ETag: the next run resumes it...
+    etag = f'"{hashlib.sha1(text.encode()).hexdigest()}"'  # what the server sends
+    for name, part_bytes, saved_etag in (('other.txt', text.encode()[:1000], etag),
+                                         ('third.txt', b'bytes of an older version', '"old"')):
+        (root / name).write_text(text)
+        (tmp_path / 'data' / 'r_char' / f'{name}.part').write_bytes(part_bytes)
+        (tmp_path / 'data' / 'r_char' / f'{name}.part.etag').write_text(saved_etag)
+        prepare('r_char', f'{url}/{name}', data_root=str(tmp_path / 'data'))
+        assert state['ranges'][-1] == f'bytes={len(part_bytes)}-'
+        assert open(os.path.join(data_dir, name)).read() == text  # ...and one that changed since starts over
+        assert sorted(n for n in os.listdir(data_dir) if name in n) == [name]
 
 
 def test_downloads_are_checked_against_a_known_sha256(tmp_path, http_server):
@@ -293,6 +339,22 @@ def test_downloads_are_checked_against_a_known_sha256(tmp_path, http_server):
     state['etags']['/f.bin'] = good
     download(f'{url}/f.bin', str(tmp_path / 'b.bin'))
     assert (tmp_path / 'b.bin').read_bytes() == b'some bytes' * 1000
+
+
+def test_a_complete_part_is_not_downloaded_again_and_429_is_retried(tmp_path, http_server, monkeypatch):
+    url, root, state = http_server
+    monkeypatch.setattr(prepare_module.time, 'sleep', lambda seconds: None)
+    body = b'all of it' * 1000
+    (root / 'f.bin').write_bytes(body)
+    # killed after the last byte, before the rename: the server answers 416 to the next Range request
+    (tmp_path / 'a.bin.part').write_bytes(body)
+    (tmp_path / 'a.bin.part.etag').write_text(f'"{hashlib.sha1(body).hexdigest()}"')
+    download(f'{url}/f.bin', str(tmp_path / 'a.bin'))
+    assert state['ranges'] == [f'bytes={len(body)}-'] and (tmp_path / 'a.bin').read_bytes() == body
+    assert sorted(os.listdir(tmp_path)) == ['a.bin', 'www']
+    state.update(fail_first=state['requests'] + 2, fail_status=429)  # rate-limited twice: tried again
+    download(f'{url}/f.bin', str(tmp_path / 'b.bin'))
+    assert (tmp_path / 'b.bin').read_bytes() == body
 
 
 # -----------------------------------------------------------------------------
@@ -336,6 +398,18 @@ def test_fineweb_shards_download_and_train(tmp_path, http_server):
     assert 'wrote data/fineweb10B: 2 training shards (6,000 tokens), val 3,000 tokens' in proc.stdout
     assert sorted(os.listdir(tmp_path / 'data' / 'fineweb10B')) == [
         'fineweb_train_000001.bin', 'fineweb_train_000002.bin', 'fineweb_val_000000.bin', 'meta.json']
+    n_requests = state['requests']
+    run('prepare.py', 'fineweb10B', '--shards=3', cwd=tmp_path, env=env)  # downloads the third shard only
+    assert state['requests'] == n_requests + 1
+    run('prepare.py', 'fineweb10B', '--shards=1', cwd=tmp_path, env=env)  # now train.py reads one shard
+    assert load_meta(str(tmp_path / 'data' / 'fineweb10B')) == {'tokenizer': 'gpt2', 'vocab_size': 50257, 'dtype': 'uint16'}
+    assert len(open_split(str(tmp_path / 'data' / 'fineweb10B'), 'train', 'uint16')) == 3000
+    # an interrupted download (here: a shard the server lacks) leaves a dataset train.py refuses
+    proc = run('prepare.py', 'fineweb10B', '--shards=4', cwd=tmp_path, env=env, check=False)
+    assert proc.returncode == 1 and 'HTTP 404' in proc.stderr
+    proc = run('train.py', '--dataset=fineweb10B', cwd=tmp_path, check=False)
+    assert 'is incomplete: a prepare.py writing it was interrupted' in proc.stderr, proc.stderr
+    run('prepare.py', 'fineweb10B', '--shards=2', cwd=tmp_path, env=env)
     proc = run('train.py', '--dataset=fineweb10B', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=64',
                '--batch_size=4', '--gradient_accumulation_steps=1', '--max_iters=4', '--eval_interval=4',
                '--eval_iters=2', '--log_interval=2', '--device=cpu', '--compile=False', '--out_dir=out-fw', cwd=tmp_path)
