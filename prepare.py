@@ -174,6 +174,8 @@ class TokenShards:
 
     def __getitem__(self, index):
         index = np.arange(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index)
+        if index.size and not 0 <= index.min() <= index.max() < len(self):
+            raise IndexError(f"token index out of range 0..{len(self) - 1}")
         shard = np.searchsorted(self.offsets, index, side='right') - 1
         out = np.empty(index.shape, dtype=self.arrays[0].dtype)
         for k in np.unique(shard):

@@ -194,6 +194,32 @@ def test_large_files_are_streamed_with_the_same_tokens(tmp_path, small_text, mon
     assert train == [GPT2_EOT] + enc.encode_ordinary(docs[1]) + [GPT2_EOT] + enc.encode_ordinary(docs[3])
 
 
+def test_the_worker_pool_reads_only_a_few_tasks_ahead():
+    import itertools
+    import multiprocessing
+    pulled = []
+
+    def endless():  # an input that never ends: reading it all would never return
+        for i in itertools.count():
+            pulled.append(i)
+            yield i
+    with multiprocessing.Pool(2) as pool:
+        results = prepare_module.ordered_map(pool, abs, endless(), window=4)
+        assert [next(results) for _ in range(10)] == list(range(10))  # in order
+    assert len(pulled) <= 10 + 4
+
+
+def test_seen_hashes_is_a_set():
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 2 ** 64, 100_000, dtype=np.uint64)
+    values = np.concatenate([values, values[:3000], rng.integers(0, 2 ** 64, 50_000, dtype=np.uint64), values[-9000:]])
+    seen, reference = prepare_module.SeenHashes(), set()
+    for value in values:  # past a merge of the recent hashes into the sorted array
+        assert seen.add(value) == (int(value) not in reference)
+        reference.add(int(value))
+    assert len(seen.merged) > 0
+
+
 def test_char_documents_share_one_vocabulary(tmp_path):
     (tmp_path / 'in').mkdir()
     for i, text in enumerate(['abc\n', 'héllo\r\n', 'abc\n', 'xyz' * 5]):
