@@ -195,75 +195,95 @@ def download(url, path, retries=3, timeout=30, headers=None, missing_ok=False, s
 
     Returns True when done. An HTTP 4xx (no such file) stops with an error, or returns False with missing_ok.
     """
-    from tqdm import tqdm
-    headers = {**(headers or {}), 'Accept-Encoding': 'identity'}  # byte ranges of the file itself, not of a gzip
-    etag_path = f'{path}.part.etag'
+    part = open_locked_part(path)
+    if part is None:  # downloaded before, or by the process we waited for
+        return True
+    with part:
+        for attempt in range(1, retries + 1):
+            try:
+                expected_sha256 = download_rest(url, part, timeout, headers or {}, sha256)
+                break
+            except requests.HTTPError as e:
+                status = e.response.status_code
+                if 400 <= status < 500 and status not in (408, 429):  # no such file, or no access: no retry
+                    discard(part.name, keep_content=status not in (404, 410))
+                    if missing_ok and status in (404, 410):
+                        return False
+                    die(f"could not download {url}: HTTP {status}: check the URL" +
+                        (" (and $HF_TOKEN, for a private repository)" if status in (401, 403) else ""))
+                error = f"HTTP {status}"
+            except requests.RequestException as e:
+                error = type(e).__name__
+            if attempt == retries:
+                discard(part.name, keep_content=True)
+                die(f"could not download {url} after {retries} tries ({error}): check the URL and the network, "
+                    f"then run again to resume it (or save the file yourself as {path})")
+            time.sleep(attempt)  # a short, growing pause before trying again
+        if expected_sha256 and file_sha256(part.name) != expected_sha256:
+            discard(part.name)
+            die(f"{url} does not have the expected SHA-256 {expected_sha256}: the download was deleted; "
+                "run again, or check the URL")
+        os.replace(part.name, path)
+        discard(part.name)  # its .etag
+    return True
+
+
+def open_locked_part(path):
+    """path.part, opened to append and locked against other processes (POSIX); None once path exists."""
     while not os.path.exists(path):
         part = open(f'{path}.part', 'a+b')
         if fcntl:
             fcntl.flock(part, fcntl.LOCK_EX)  # one process downloads a file at a time; the others wait here
-        if os.fstat(part.fileno()).st_nlink == 0 or os.path.exists(path):  # done or deleted while we waited
-            part.close()
-            continue
-        with part:
-            for attempt in range(1, retries + 1):
-                offset = part.seek(0, os.SEEK_END)
-                validator = offset and os.path.exists(etag_path) and open(etag_path).read()
-                if offset and not validator and not sha256:  # nothing would tell us the file changed: start over
-                    offset = part.truncate(0)
-                resume = {'Range': f'bytes={offset}-', 'If-Range': validator} if offset else {}
-                try:
-                    with requests.get(url, stream=True, timeout=timeout, headers={**headers, **resume}) as response:
-                        expected_sha256 = sha256 or hub_sha256(response)
-                        if response.status_code == 416:  # nothing after offset: complete (killed before the
-                            if not response.headers.get('content-range', '').endswith(f'/{offset}'):  # rename)...
-                                part.truncate(0)  # ...or longer than the file: start over
-                                raise requests.ConnectionError(f"the partial file is longer than {url}")
-                        else:
-                            response.raise_for_status()
-                            if response.status_code != 206:  # the whole file (new or changed), not the rest of it
-                                offset = part.truncate(0)
-                                etag = response.headers.get('etag', '')
-                                with open(etag_path, 'w') as f:  # a weak ETag can't validate byte ranges
-                                    f.write(etag if etag and not etag.startswith('W/')
-                                            else response.headers.get('last-modified', ''))
-                            size = int(response.headers.get('content-length', 0))
-                            total = offset + size if size else None
-                            with tqdm(total=total, initial=offset, unit='B', unit_scale=True,
-                                      desc=f"downloading {os.path.basename(path)}") as bar:
-                                for chunk in response.iter_content(chunk_size=1 << 16):  # a drop loses <= 64 KiB
-                                    part.write(chunk)
-                                    bar.update(len(chunk))
-                            if total and bar.n != total:  # urllib3 2 raises on a short body itself; older ones don't
-                                raise requests.ConnectionError(f"the connection closed after {bar.n} of {total} bytes")
-                    part.flush()
-                    if expected_sha256 and file_sha256(part.name) != expected_sha256:
-                        os.remove(part.name)
-                        die(f"{url} does not have the expected SHA-256 {expected_sha256}: "
-                            "the download was deleted; run again, or check the URL")
-                    os.replace(part.name, path)
-                    if os.path.exists(etag_path):
-                        os.remove(etag_path)
-                    return True
-                except requests.HTTPError as e:
-                    status = e.response.status_code
-                    if 400 <= status < 500 and status not in (408, 429):  # no such file, or no access: no retry
-                        if status in (404, 410):
-                            os.remove(part.name)
-                            if missing_ok:
-                                return False
-                        die(f"could not download {url}: HTTP {status}: check the URL" +
-                            (" (and $HF_TOKEN, for a private repository)" if status in (401, 403) else ""))
-                    error = f"HTTP {status}"
-                except requests.RequestException as e:
-                    error = type(e).__name__
-                if attempt < retries:
-                    time.sleep(attempt)  # a short, growing pause before trying again
-            if part.seek(0, os.SEEK_END) == 0:  # nothing to resume from
-                os.remove(part.name)
-        die(f"could not download {url} after {retries} tries ({error}): check the URL and the network, "
-            f"then run again to resume it (or save the file yourself as {path})")
-    return True
+        if os.fstat(part.fileno()).st_nlink and not os.path.exists(path):  # not renamed or deleted meanwhile
+            return part
+        part.close()
+    return None
+
+
+def download_rest(url, part, timeout, headers, sha256):
+    """Append to the .part file what it lacks of url; returns the SHA-256 to check it against, if one is known."""
+    from tqdm import tqdm
+    etag_path, offset, validator = part.name + '.etag', part.seek(0, os.SEEK_END), ''
+    if offset and os.path.exists(etag_path):
+        with open(etag_path) as f:
+            validator = f.read()
+    if offset and not validator and not sha256:  # nothing would tell us the file changed since: start over
+        offset = part.truncate(0)
+    resume = {'Range': f'bytes={offset}-', **({'If-Range': validator} if validator else {})} if offset else {}
+    headers = {**headers, 'Accept-Encoding': 'identity', **resume}  # bytes of the file itself, not of a gzip
+    with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
+        expected_sha256 = sha256 or hub_sha256(response)
+        if response.status_code == 416:  # nothing after offset
+            if response.headers.get('content-range', '').endswith(f'/{offset}'):
+                return expected_sha256  # the .part is complete: a run was stopped just before its rename
+            part.truncate(0)
+            raise requests.ConnectionError(f"the partial download is longer than {url}: starting over")
+        response.raise_for_status()
+        if response.status_code != 206:  # the whole file (new, or changed since), not the rest of it
+            offset = part.truncate(0)
+            etag = response.headers.get('etag', '')
+            with open(etag_path, 'w') as f:  # a weak ETag can't validate byte ranges
+                f.write(etag if etag and not etag.startswith('W/') else response.headers.get('last-modified', ''))
+        size = int(response.headers.get('content-length', 0))
+        total = offset + size if size else None
+        with tqdm(total=total, initial=offset, unit='B', unit_scale=True,
+                  desc=f"downloading {os.path.basename(part.name).removesuffix('.part')}") as bar:
+            for chunk in response.iter_content(chunk_size=1 << 16):  # a dropped connection loses <= 64 KiB
+                part.write(chunk)
+                bar.update(len(chunk))
+        if total and bar.n != total:  # urllib3 2 raises on a short body itself; older ones don't
+            raise requests.ConnectionError(f"the connection closed after {bar.n} of {total} bytes")
+    part.flush()
+    return expected_sha256
+
+
+def discard(part_path, keep_content=False):
+    """Delete a .part file and its .etag; with keep_content, only if it is empty (nothing to resume)."""
+    if keep_content and os.path.exists(part_path) and os.path.getsize(part_path):
+        return
+    for p in (part_path, part_path + '.etag'):
+        if os.path.exists(p):
+            os.remove(p)
 
 
 def hub_sha256(response):
@@ -445,15 +465,18 @@ def kept_documents(documents, val_fraction, min_length, dedup, counts):
         yield split, document
 
 
-def runs(documents, split_at, separate):
-    """(split, starts_a_document, text) for the documents in pieces, in order. split_at: for a single text
-    split by position, the character where val begins (its split from kept_documents is ignored)."""
-    position = 0
+def by_document(documents, separate):
+    """(split, starts_a_document, text) for the documents in pieces, in order."""
     for split, document in documents:
         for i, piece in enumerate(pieces(document)):
-            if split_at is None:
-                yield split, separate and i == 0, piece
-                continue
+            yield split, separate and i == 0, piece
+
+
+def by_position(documents, split_at):
+    """The same for one text split by position: val begins at its character split_at."""
+    position = 0
+    for _, document in documents:
+        for piece in pieces(document):
             cut = min(max(split_at - position, 0), len(piece))
             position += len(piece)
             if cut > 0:
@@ -463,7 +486,7 @@ def runs(documents, split_at, separate):
 
 
 def batches(items):
-    """runs() grouped into tasks of about PIECE_CHARS characters, each of one split (in order within it)."""
+    """by_document's or by_position's items in tasks of about PIECE_CHARS characters, each of one split."""
     open_batches, sizes = {'train': [], 'val': []}, {'train': 0, 'val': 0}
     for split, starts_a_document, text in items:
         open_batches[split].append((split, starts_a_document, text))
@@ -535,7 +558,6 @@ def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='
     # read, choose and cut the documents here; workers tokenize; their tokens are appended to temporary files
     start_worker(meta)  # here first: a tokenizer that can't load stops us now, not each worker in a loop
     counts, tokens = collections.Counter(), collections.Counter()
-    split_at = int(n_chars * (1 - val_fraction)) if single_text else None
     tmp = {split: os.path.join(data_dir, f'{split}.bin.tmp') for split in ('train', 'val')}
     try:
         # worker processes, as reading, hashing and cutting the text here hold the GIL
@@ -545,7 +567,8 @@ def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='
             out = {'train': train_file, 'val': val_file}
             documents = kept_documents(read_documents(files, bar.update), val_fraction, min_length,
                                        dedup and not single_text, counts)
-            tasks = batches(runs(documents, split_at, separate=tokenizer == 'gpt2' and not single_text))
+            tasks = batches(by_position(documents, int(n_chars * (1 - val_fraction))) if single_text
+                            else by_document(documents, separate=tokenizer == 'gpt2'))
             results = ordered_map(pool, encode_batch, tasks, window=4 * workers) if pool else map(encode_batch, tasks)
             for split, ids in results:
                 ids.tofile(out[split])
@@ -555,7 +578,8 @@ def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='
                 die(f"no {split} text in {input_path or files[0]}: of {counts['documents']:,} documents, "
                     f"{counts['duplicates']:,} were duplicates and {counts['too short']:,} empty or shorter than "
                     f"--min_length; {counts['train']:,} went to train and {counts['val']:,} to val: "
-                    + ("give more text" if split == 'train' or not single_text else "use a larger --val_fraction"))
+                    + ("use a larger --val_fraction" if single_text and split == 'val' else
+                       "pass the file itself, to split it by position" if counts['documents'] == 1 else "give more text"))
     except BaseException:  # a failure or Ctrl-C: the old dataset stays, without our leftovers
         for path in tmp.values():
             os.remove(path)

@@ -365,6 +365,11 @@ def test_downloads_are_checked_against_a_known_sha256(tmp_path, http_server):
     state['etags']['/f.bin'] = good
     download(f'{url}/f.bin', str(tmp_path / 'b.bin'))
     assert (tmp_path / 'b.bin').read_bytes() == b'some bytes' * 1000
+    # a .part without the ETag it started with is resumed when a SHA-256 will check the result
+    (tmp_path / 'c.bin.part').write_bytes(b'some bytes' * 500)
+    download(f'{url}/f.bin', str(tmp_path / 'c.bin'), sha256=good)
+    assert state['ranges'][-1] == 'bytes=5000-' and (tmp_path / 'c.bin').read_bytes() == b'some bytes' * 1000
+    assert sorted(os.listdir(tmp_path)) == ['a.bin', 'b.bin', 'c.bin', 'www']  # no .part or .etag left
 
 
 def test_a_complete_part_is_not_downloaded_again_and_429_is_retried(tmp_path, http_server, monkeypatch):
