@@ -28,7 +28,7 @@ import torch
 import train
 from common import autocast_context, load_config, measure_peak_flops, pick_device, pick_dtype, synchronize
 from model import GPT, add_lora, load_model, merge_lora
-from prepare import load_meta
+from dataset import load_meta
 
 DEFAULTS = {
     **train.DEFAULTS,

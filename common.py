@@ -13,7 +13,7 @@ from contextlib import ExitStack
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from prepare import die  # defined there, so that prepare.py runs without torch
+from dataset import die  # defined there, so that prepare.py runs without torch
 
 
 # -----------------------------------------------------------------------------

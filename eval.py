@@ -26,7 +26,7 @@ import torch
 
 from common import autocast_context, die, load_config, pick_device, pick_dtype
 from model import load_model, merge_lora
-from prepare import checkpoint_meta, get_tokenizer, load_meta, open_split
+from dataset import checkpoint_meta, get_tokenizer, load_meta, open_split
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a checkpoint file or out_dir, or a Hub model: gpt2, owner/name

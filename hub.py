@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from common import die
-from prepare import download
+from dataset import download
 
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')  # in order of preference: the first needs no pickle
 SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
@@ -32,7 +32,7 @@ def cache_dir(repo):
 def fetch(repo):
     """(config.json as a dict, {name: tensor}) of a Hub repository, from the cache or downloaded into it.
 
-    Only complete files enter the cache (prepare.download renames them when done), and a cached
+    Only complete files enter the cache (dataset.download renames them when done), and a cached
     file is used without asking the server: a second load works offline.
     """
     directory = cache_dir(repo)

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 import hub
 from common import die
-from prepare import GPT2_VOCAB_SIZE
+from dataset import GPT2_VOCAB_SIZE
 
 
 class KVCache:

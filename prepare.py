@@ -9,14 +9,14 @@ Turn text into the token streams train.py reads:
     python prepare.py fineweb10B --shards=8      # FineWeb in GPT-2 tokens, as the NanoGPT speedrun publishes it
 
 .txt and .md files are one document each, .jsonl files one document per line (its "text" field).
-A single text file is split by position: its first (1 - val_fraction) is the training split. Anything
-else is split by document (every 1/val_fraction-th kept one goes to val), and in GPT-2 tokens every
-document starts with the end-of-text token. Exact duplicate documents are dropped.
+A single text file (or URL) is split by position: its first (1 - val_fraction) is the training split.
+Anything else is split by document (every 1/val_fraction-th kept one goes to val), and in GPT-2 tokens
+every document starts with the end-of-text token. Exact duplicate documents are dropped.
 
 Memory stays bounded whatever the input's size: documents are read one at a time and cut into pieces of
 ~1M characters that worker processes tokenize, and their tokens are appended to the splits in input order as
 they come back. (A character vocabulary, or the length of a single text, takes one more read first.)
-This file is also the one place that builds a tokenizer from meta.json (get_tokenizer) and opens a split.
+The formats on disk, the tokenizers and downloads are in dataset.py, which the other scripts read.
 """
 
 import argparse
@@ -33,274 +33,16 @@ from contextlib import nullcontext
 from urllib.parse import urlsplit
 
 import numpy as np
-import requests
 
-try:
-    import fcntl  # to lock a partial download against a second process (POSIX only)
-except ImportError:
-    fcntl = None
+from dataset import (DATASETS, GPT2_EOT, GPT2_VOCAB_SIZE, INCOMPLETE, array_encoder, die, download, shard_tokens,
+                     token_dtype)
 
-SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
-SHAKESPEARE_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
-DATASETS = {  # name -> (where the text comes from, its SHA-256, tokenizer)
-    'shakespeare_char': (SHAKESPEARE_URL, SHAKESPEARE_SHA256, 'char'),
-    'shakespeare': (SHAKESPEARE_URL, SHAKESPEARE_SHA256, 'gpt2'),
-}
-GPT2_VOCAB_SIZE = 50257
-GPT2_EOT = 50256  # <|endoftext|>: starts every document of a GPT-2 dataset
 FINEWEB_REPO = 'kjj0/fineweb10B-gpt2'  # the speedrun's shards: fineweb_val_000000.bin, fineweb_train_000001..103.bin
 FINEWEB_TRAIN_SHARDS = 103
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256  # a header of 256 int32, then uint16 tokens
 PIECE_CHARS = 1 << 20  # the unit of a tokenizer worker's work: about 60 ms of GPT-2 BPE
 CUT = re.compile(r'[ \t\n\r\v\f](?=\S)')  # where pieces() cuts; ASCII: tiktoken's \s differs from Python's beyond it
 LARGE_FILE = 64 << 20  # bytes: a text file larger than this is read in chunks, never held in memory whole
-INCOMPLETE = 'prepare-incomplete'  # present while prepare.py replaces a dataset: load_meta refuses the directory
 TEXT_SUFFIXES, JSONL_SUFFIX = ('.txt', '.md'), '.jsonl'
-
-
-def die(message):
-    """Stop with a one-line error (SystemExit), never a traceback. It lives here rather than in common.py
-    (which re-exports it) so that prepare.py and its workers start without importing torch."""
-    raise SystemExit(f"error: {message}")
-
-
-# -----------------------------------------------------------------------------
-# tokenizers
-
-def gpt2_encoding():
-    import tiktoken
-    try:
-        return tiktoken.get_encoding('gpt2')
-    except Exception as e:  # tiktoken downloads its files once; offline, it needs a cache
-        die(f"could not load the GPT-2 BPE files ({type(e).__name__}): connect to the internet once, "
-            "or set TIKTOKEN_CACHE_DIR to a directory that holds them")
-
-
-def get_tokenizer(meta):
-    """(encode, decode) for a dataset's meta: encode(str) -> list of ids, decode(ids) -> str."""
-    if meta['tokenizer'] == 'char':
-        chars = meta['chars']
-        stoi = {ch: i for i, ch in enumerate(chars)}
-
-        def encode(text):
-            unknown = set(text) - stoi.keys()
-            if unknown:
-                die(f"characters {''.join(sorted(unknown))!r} are not in this character vocabulary; "
-                    "use only characters of the training text")
-            return [stoi[ch] for ch in text]
-        return encode, lambda ids: ''.join(chars[i] for i in ids)
-    if meta['tokenizer'] == 'gpt2':
-        enc = gpt2_encoding()
-        return enc.encode_ordinary, enc.decode
-    die(f"unknown tokenizer {meta['tokenizer']!r} in meta.json: expected 'char' or 'gpt2'")
-
-
-def array_encoder(meta):
-    """get_tokenizer's encode for bulk text: str -> np.ndarray of ids, without a Python int per token."""
-    if meta['tokenizer'] == 'char':
-        codes = np.array([ord(ch) for ch in meta['chars']], dtype=np.uint32)  # ascending: chars are sorted
-        return lambda text: np.searchsorted(codes, np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32))
-    enc = gpt2_encoding()
-    # with no special token allowed or disallowed, "<|endoftext|>" in a text is plain text: encode_ordinary
-    return lambda text: enc.encode_to_numpy(text, disallowed_special=())
-
-
-def load_meta(data_dir):
-    """The dataset's tokenizer, vocab_size and dtype from its meta.json (not its list of shards, which
-    open_split reads); a directory without one holds GPT-2 tokens, as in nanoGPT."""
-    if os.path.exists(os.path.join(data_dir, INCOMPLETE)):
-        die(f"{data_dir} is incomplete: a prepare.py writing it was interrupted; run it again")
-    path = os.path.join(data_dir, 'meta.json')
-    if os.path.exists(path):
-        with open(path) as f:
-            return {key: value for key, value in json.load(f).items() if key != 'shards'}
-    if os.path.exists(os.path.join(data_dir, 'meta.pkl')):  # nanoGPT's, which we don't unpickle
-        die(f"{data_dir} has nanoGPT's meta.pkl but no meta.json: run python prepare.py "
-            f"{os.path.basename(data_dir)} --input=<its input.txt> to write meta.json")
-    return {'tokenizer': 'gpt2', 'vocab_size': GPT2_VOCAB_SIZE, 'dtype': 'uint16'}
-
-
-def checkpoint_meta(checkpoint):
-    """The meta of the data a model was trained on: our checkpoints (and Hub models) carry it; nanoGPT's
-    name the dataset whose meta.json to read."""
-    return checkpoint.get('meta') or load_meta(os.path.join('data', checkpoint.get('config', {}).get('dataset', '')))
-
-
-def token_dtype(vocab_size):
-    return 'uint16' if vocab_size <= 2 ** 16 else 'uint32'
-
-
-# -----------------------------------------------------------------------------
-# reading a split: split.bin, or the speedrun's shards
-
-def open_split(data_dir, split, dtype):
-    """A split's tokens, indexable like one array: data/<name>/<split>.bin memory-mapped, or else the shards
-    meta.json lists for it (without a list, every *_<split>_*.bin), read as one stream. None if neither exists."""
-    path = os.path.join(data_dir, f'{split}.bin')
-    if os.path.exists(path):
-        return np.memmap(path, dtype=dtype, mode='r')
-    listed, meta_path = {}, os.path.join(data_dir, 'meta.json')
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            listed = json.load(f).get('shards', {})
-    names = listed.get(split) or sorted(os.path.basename(p) for p in glob.glob(os.path.join(data_dir, f'*_{split}_*.bin')))
-    shards = [shard_tokens(os.path.join(data_dir, name)) for name in names]
-    return None if not shards else shards[0] if len(shards) == 1 else TokenShards(shards)
-
-
-def shard_tokens(path):
-    """The uint16 tokens of a shard file, memory-mapped past its header, which is checked."""
-    if not os.path.exists(path):
-        die(f"{path} is missing: run prepare.py again to download it")
-    header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER_INTS)
-    n_header = SHARD_HEADER_INTS * 4
-    if len(header) < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        die(f"{path} is not a token shard (its header lacks magic {SHARD_MAGIC}, version {SHARD_VERSION}): "
-            "delete it and run prepare.py again")
-    if os.path.getsize(path) != n_header + 2 * int(header[2]):
-        die(f"{path} should hold {header[2]:,} tokens but its size says otherwise: delete it and run prepare.py again")
-    return np.memmap(path, dtype=np.uint16, mode='r', offset=n_header, shape=(int(header[2]),))
-
-
-class TokenShards:
-    """Several token arrays read as their concatenation: len(), and indexing with an array or a slice."""
-
-    def __init__(self, arrays):
-        self.arrays = arrays
-        self.offsets = np.cumsum([0] + [len(a) for a in arrays])  # where each array starts in the stream
-
-    def __len__(self):
-        return int(self.offsets[-1])
-
-    def __getitem__(self, index):
-        index = np.arange(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index)
-        if index.size and not 0 <= index.min() <= index.max() < len(self):
-            raise IndexError(f"token index out of range 0..{len(self) - 1}")
-        shard = np.searchsorted(self.offsets, index, side='right') - 1
-        out = np.empty(index.shape, dtype=self.arrays[0].dtype)
-        for k in np.unique(shard):
-            here = shard == k
-            out[here] = self.arrays[k][index[here] - self.offsets[k]]
-        return out
-
-
-# -----------------------------------------------------------------------------
-# downloads
-
-def download(url, path, retries=3, timeout=30, headers=None, missing_ok=False, sha256=None):
-    """Stream url to path through path.part, renamed into place only when complete. A dropped connection or
-    an interrupted run resumes from the .part file with an HTTP Range request, guarded by If-Range (the ETag
-    or Last-Modified of the first response, kept in path.part.etag): a file changed meanwhile starts over.
-    The SHA-256 is checked where one is known: given, or sent by the server (the Hub's X-Linked-Etag).
-
-    Returns True when done. An HTTP 4xx (no such file) stops with an error, or returns False with missing_ok.
-    """
-    part = open_locked_part(path)
-    if part is None:  # downloaded before, or by the process we waited for
-        return True
-    with part:
-        for attempt in range(1, retries + 1):
-            try:
-                expected_sha256 = download_rest(url, part, timeout, headers or {}, sha256)
-                break
-            except requests.HTTPError as e:
-                status = e.response.status_code
-                if 400 <= status < 500 and status not in (408, 429):  # no such file, or no access: no retry
-                    discard(part.name, keep_content=status not in (404, 410))
-                    if missing_ok and status in (404, 410):
-                        return False
-                    die(f"could not download {url}: HTTP {status}: check the URL" +
-                        (" (and $HF_TOKEN, for a private repository)" if status in (401, 403) else ""))
-                error = f"HTTP {status}"
-            except requests.RequestException as e:
-                error = type(e).__name__
-            if attempt == retries:
-                discard(part.name, keep_content=True)
-                die(f"could not download {url} after {retries} tries ({error}): check the URL and the network, "
-                    f"then run again to resume it (or save the file yourself as {path})")
-            time.sleep(attempt)  # a short, growing pause before trying again
-        if expected_sha256 and file_sha256(part.name) != expected_sha256:
-            discard(part.name)
-            die(f"{url} does not have the expected SHA-256 {expected_sha256}: the download was deleted; "
-                "run again, or check the URL")
-        os.replace(part.name, path)
-        discard(part.name)  # its .etag
-    return True
-
-
-def open_locked_part(path):
-    """path.part, opened to append and locked against other processes (POSIX); None once path exists."""
-    while not os.path.exists(path):
-        part = open(f'{path}.part', 'a+b')
-        if fcntl:
-            fcntl.flock(part, fcntl.LOCK_EX)  # one process downloads a file at a time; the others wait here
-        if os.fstat(part.fileno()).st_nlink and not os.path.exists(path):  # not renamed or deleted meanwhile
-            return part
-        part.close()
-    return None
-
-
-def download_rest(url, part, timeout, headers, sha256):
-    """Append to the .part file what it lacks of url; returns the SHA-256 to check it against, if one is known."""
-    from tqdm import tqdm
-    etag_path, offset, validator = part.name + '.etag', part.seek(0, os.SEEK_END), ''
-    if offset and os.path.exists(etag_path):
-        with open(etag_path) as f:
-            validator = f.read()
-    if offset and not validator and not sha256:  # nothing would tell us the file changed since: start over
-        offset = part.truncate(0)
-    resume = {'Range': f'bytes={offset}-', **({'If-Range': validator} if validator else {})} if offset else {}
-    headers = {**headers, 'Accept-Encoding': 'identity', **resume}  # bytes of the file itself, not of a gzip
-    with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
-        expected_sha256 = sha256 or hub_sha256(response)
-        if response.status_code == 416:  # nothing after offset
-            if response.headers.get('content-range', '').endswith(f'/{offset}'):
-                return expected_sha256  # the .part is complete: a run was stopped just before its rename
-            part.truncate(0)
-            raise requests.ConnectionError(f"the partial download is longer than {url}: starting over")
-        response.raise_for_status()
-        if response.status_code != 206:  # the whole file (new, or changed since), not the rest of it
-            offset = part.truncate(0)
-            etag = response.headers.get('etag', '')
-            with open(etag_path, 'w') as f:  # a weak ETag can't validate byte ranges
-                f.write(etag if etag and not etag.startswith('W/') else response.headers.get('last-modified', ''))
-        size = int(response.headers.get('content-length', 0))
-        total = offset + size if size else None
-        with tqdm(total=total, initial=offset, unit='B', unit_scale=True,
-                  desc=f"downloading {os.path.basename(part.name).removesuffix('.part')}") as bar:
-            for chunk in response.iter_content(chunk_size=1 << 16):  # a dropped connection loses <= 64 KiB
-                part.write(chunk)
-                bar.update(len(chunk))
-        if total and bar.n != total:  # urllib3 2 raises on a short body itself; older ones don't
-            raise requests.ConnectionError(f"the connection closed after {bar.n} of {total} bytes")
-    part.flush()
-    return expected_sha256
-
-
-def discard(part_path, keep_content=False):
-    """Delete a .part file and its .etag; with keep_content, only if it is empty (nothing to resume)."""
-    if keep_content and os.path.exists(part_path) and os.path.getsize(part_path):
-        return
-    for p in (part_path, part_path + '.etag'):
-        if os.path.exists(p):
-            os.remove(p)
-
-
-def hub_sha256(response):
-    """The SHA-256 the Hugging Face Hub sends for a large file (on the redirect to its storage), if any."""
-    for r in (*response.history, response):
-        etag = r.headers.get('x-linked-etag', '').strip('"')
-        if re.fullmatch('[0-9a-f]{64}', etag):
-            return etag
-    return None
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 
 from common import die, load_config, pick_device, pick_dtype
 from model import load_model, merge_lora
-from prepare import checkpoint_meta, get_tokenizer
+from dataset import checkpoint_meta, get_tokenizer
 from serve import run_server
 
 # -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 
 from common import autocast_context, die, load_config, measure_peak_flops, pick_device, pick_dtype
 from model import LORA_TARGETS, GPT, GPTConfig, add_lora, load_model, lora_state_dict, merge_lora
-from prepare import DATASETS, load_meta, open_split
+from dataset import DATASETS, load_meta, open_split
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on the BPE shakespeare text

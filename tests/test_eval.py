@@ -10,7 +10,7 @@ import torch
 from conftest import gpt2_bpe_available, run
 from eval import evaluate, main as eval_main
 from model import GPT
-from prepare import get_tokenizer, load_meta
+from dataset import get_tokenizer, load_meta
 from test_model import tiny_config
 from test_pretrained import hub, publish, tiny_gpt2  # noqa: F401 (fixture)
 from test_train import prepared  # noqa: F401 (fixture)

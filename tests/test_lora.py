@@ -8,7 +8,7 @@ import torch
 
 from conftest import gpt2_bpe_available, run
 from model import LORA_TARGETS, GPT, LoRALinear, add_lora, load_model, merge_lora
-from prepare import get_tokenizer
+from dataset import get_tokenizer
 from test_model import tiny_config
 from test_pretrained import hub, publish, tiny_gpt2  # noqa: F401 (fixture)
 from test_train import TINY, prepared  # noqa: F401 (fixture)

@@ -9,9 +9,11 @@ import time
 import numpy as np
 import pytest
 
+import dataset
 import prepare as prepare_module
-from conftest import ROOT, SHAKESPEARE, gpt2_bpe_available, run
-from prepare import GPT2_EOT, TokenShards, download, get_tokenizer, load_meta, open_split, prepare, token_dtype
+from conftest import ROOT, gpt2_bpe_available, run
+from dataset import GPT2_EOT, TokenShards, download, get_tokenizer, load_meta, open_split, token_dtype
+from prepare import prepare
 
 needs_bpe = pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
 
@@ -326,7 +328,7 @@ def test_an_interrupted_prepare_never_leaves_a_dataset_that_looks_complete(tmp_p
 
 def test_a_dropped_download_resumes_where_it_stopped(tmp_path, http_server, small_text, monkeypatch):
     url, root, state = http_server
-    monkeypatch.setattr(prepare_module.time, 'sleep', lambda seconds: None)  # no pauses between tries
+    monkeypatch.setattr(dataset.time, 'sleep', lambda seconds: None)  # no pauses between tries
     text = small_text * 20  # 1.2 MB
     (root / 'input.txt').write_text(text)
     state['truncate']['/input.txt'] = 1  # the connection drops half-way once
@@ -374,7 +376,7 @@ def test_downloads_are_checked_against_a_known_sha256(tmp_path, http_server):
 
 def test_a_complete_part_is_not_downloaded_again_and_429_is_retried(tmp_path, http_server, monkeypatch):
     url, root, state = http_server
-    monkeypatch.setattr(prepare_module.time, 'sleep', lambda seconds: None)
+    monkeypatch.setattr(dataset.time, 'sleep', lambda seconds: None)
     body = b'all of it' * 1000
     (root / 'f.bin').write_bytes(body)
     # killed after the last byte, before the rename: the server answers 416 to the next Range request

@@ -8,7 +8,7 @@ import pytest
 import requests
 import torch
 
-import prepare
+import dataset
 from conftest import gpt2_bpe_available, run
 from model import GPT, GPTConfig, load_model
 from test_model import reference_logits
@@ -109,7 +109,7 @@ def test_pytorch_model_bin_when_the_repository_has_no_safetensors(hub):
 
 def test_a_truncated_download_is_never_used(hub, tmp_path, monkeypatch):
     root, state = hub
-    monkeypatch.setattr(prepare.time, 'sleep', lambda seconds: None)  # no pauses between tries
+    monkeypatch.setattr(dataset.time, 'sleep', lambda seconds: None)  # no pauses between tries
     source = tiny_gpt2(2)
     publish(root, 'tiny-gpt2', source)
     weights = '/tiny-gpt2/resolve/main/model.safetensors'
