@@ -270,6 +270,7 @@ def ordered_map(pool, fn, items, window):
 
 def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='data', workers=None,
             min_length=0, dedup=True):
+    """Make data/<name>/ (train.bin, val.bin, meta.json) from the input (see input_files); returns its path."""
     from tqdm import tqdm
     tokenizer = tokenizer or DATASETS.get(name, (None, None, 'char' if name.endswith('_char') else 'gpt2'))[2]
     if tokenizer not in ('char', 'gpt2'):
