@@ -49,8 +49,9 @@ TEXT_SUFFIXES, JSONL_SUFFIX = ('.txt', '.md'), '.jsonl'
 # reading the input: files -> documents -> pieces
 
 def input_files(name, input_path, data_dir):
-    """The files to read: --input (a file, directory, glob or URL), else data/<name>/input.txt, else the
-    dataset's known URL. A directory is walked for .txt, .md and .jsonl files; they are read in path order."""
+    """(files to read, whether they are one text to split by position): --input (a file, directory, glob or
+    URL), else data/<name>/input.txt, else the dataset's known URL. A directory is walked for .txt, .md and
+    .jsonl files; they are read in path order. A directory, a glob or a .jsonl file is split by document."""
     input_path = input_path and os.path.expanduser(input_path)  # --input=~/notes: the shell leaves that ~ alone
     if not input_path or input_path.startswith(('http://', 'https://')):
         url, sha256 = (input_path, None) if input_path else DATASETS.get(name, (None, None))[:2]
@@ -64,9 +65,9 @@ def input_files(name, input_path, data_dir):
             die(f"no text for dataset '{name}': {path} does not exist; pass --input=PATH (a file, directory, glob or URL)")
         else:
             download(url, path, sha256=sha256)
-        return [path]
+        return [path], not path.endswith(JSONL_SUFFIX)
     if os.path.isfile(input_path):
-        return [input_path]
+        return [input_path], not input_path.endswith(JSONL_SUFFIX)
     if os.path.isdir(input_path) or glob.has_magic(input_path):
         files = []
         for path in sorted(glob.glob(input_path, recursive=True)) if glob.has_magic(input_path) else [input_path]:
@@ -77,7 +78,7 @@ def input_files(name, input_path, data_dir):
                 files += [os.path.join(root, n) for n in names if n.endswith((*TEXT_SUFFIXES, JSONL_SUFFIX))]
         if not files:
             die(f"no input in {input_path}: looked for .txt, .md and .jsonl files")
-        return sorted(set(files))  # in path order
+        return sorted(set(files)), False  # in path order
     die(f"{input_path} does not exist: pass a file, a directory, a glob (quoted) or an http(s) URL as --input")
 
 
@@ -284,13 +285,10 @@ def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='
     data_dir = os.path.join(data_root, name)
     os.makedirs(data_dir, exist_ok=True)
     t0 = time.time()
-    files = input_files(name, input_path, data_dir)
+    files, single_text = input_files(name, input_path, data_dir)
     n_bytes = sum(os.path.getsize(p) for p in files)
     if n_bytes == 0:
         die(f"{input_path or files[0]} is empty: there is nothing to train on")
-    # one text file (not a directory or glob) is split by position, anything else by document
-    single_text = not (input_path and (os.path.isdir(os.path.expanduser(input_path)) or glob.has_magic(input_path))) \
-        and not files[0].endswith(JSONL_SUFFIX)
     chars, n_chars = characters(files) if tokenizer == 'char' or single_text else (None, None)
     if tokenizer == 'char':
         meta = {'tokenizer': 'char', 'vocab_size': len(chars), 'chars': list(chars)}
@@ -366,11 +364,11 @@ def prepare_fineweb(shards, data_root='data'):
     endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
     names = {'val': ['fineweb_val_000000.bin'], 'train': [f'fineweb_train_{i:06d}.bin' for i in range(1, shards + 1)]}
     n_tokens = collections.Counter()
-    for split, filename in [(split, filename) for split in ('val', 'train') for filename in names[split]]:
-        path = os.path.join(data_dir, filename)
-        if not os.path.exists(path):
-            download(f'{endpoint}/datasets/{FINEWEB_REPO}/resolve/main/{filename}', path)
-        n_tokens[split] += len(shard_tokens(path))
+    for split, filenames in names.items():
+        for filename in filenames:
+            path = os.path.join(data_dir, filename)
+            download(f'{endpoint}/datasets/{FINEWEB_REPO}/resolve/main/{filename}', path)  # unless it is here
+            n_tokens[split] += len(shard_tokens(path))
     with open(os.path.join(data_dir, 'meta.json'), 'w') as f:  # the shards train.py reads: no more, no fewer
         json.dump({'tokenizer': 'gpt2', 'vocab_size': GPT2_VOCAB_SIZE, 'dtype': 'uint16', 'shards': names}, f)
     os.remove(os.path.join(data_dir, INCOMPLETE))
