@@ -92,7 +92,7 @@ min_lr = 6e-5  # ~= learning_rate/10 per Chinchilla
 # system
 backend = 'auto'  # DDP backend: 'auto' is nccl on CUDA, gloo on CPU
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'auto'  # 'auto' (bfloat16 where the hardware has it, else float32), 'float32', 'bfloat16', 'float16'
+dtype = 'auto'  # 'auto' (bfloat16 where it is faster, else float32), 'float32', 'bfloat16', 'float16'
 compile = None  # torch.compile the model; None means on for CUDA, off elsewhere
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
@@ -266,6 +266,10 @@ def main(argv):
     accum_steps = cfg.gradient_accumulation_steps // world_size  # micro-batches per process per step
     device_type = device.split(':')[0]
     dtype = pick_dtype(cfg.dtype, device_type)
+    if ddp:  # 'auto' on a CPU is measured: every process takes rank 0's answer, so all train alike
+        answer = [dtype]
+        torch.distributed.broadcast_object_list(answer, src=0)
+        dtype = answer[0]
     ctx = autocast_context(device_type, dtype)
     use_compile = cfg.compile if cfg.compile is not None else device_type == 'cuda'
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
