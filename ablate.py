@@ -13,6 +13,7 @@ Prints a markdown table; the data must be prepared (python prepare.py shakespear
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -66,8 +67,10 @@ def train_for(config, seconds):
     tokens_per_s = bench.train_speed(cfg, model, device, dtype, use_compile=False)[0]
     steps = max(10, int(seconds * tokens_per_s / (cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size)))
     scale = steps / config['max_iters']  # the config's schedule, shrunk or stretched to `steps`
+    out_dir = os.path.join('out-ablate', 'run')
+    shutil.rmtree(out_dir, ignore_errors=True)  # ablate.py's own runs: each one starts anew
     run = {**config, 'max_iters': steps, 'lr_decay_iters': steps, 'eval_interval': steps,
-           'warmup_iters': round(config['warmup_iters'] * scale), 'out_dir': os.path.join('out-ablate', 'run'),
+           'warmup_iters': round(config['warmup_iters'] * scale), 'out_dir': out_dir,
            'always_save_checkpoint': False, 'log_interval': steps}
     args = [f"--{k}={v}" for k, v in run.items() if v != train.DEFAULTS[k]]
     t0 = time.perf_counter()

@@ -244,6 +244,10 @@ def open_dataset(cfg):
 def main(argv):
     cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
     check_config(cfg)
+    if cfg.init_from != 'resume' and not cfg.eval_only and any(
+            os.path.exists(os.path.join(cfg.out_dir, name)) for name in ('ckpt.pt', 'best.pt')):
+        die(f"{cfg.out_dir} holds the checkpoint of an earlier run, which this run would write over: "
+            "--init_from=resume continues it; to start anew, use another --out_dir or move it away first")
 
     # processes: one, or one per GPU (or CPU share) under torchrun
     ddp = int(os.environ.get('RANK', -1)) != -1

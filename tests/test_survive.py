@@ -74,15 +74,16 @@ def test_signal_saves_at_the_next_step_and_resume_continues(prepared, signum):
     assert f"resuming from out at iteration {saved['iter_num']}" in resumed
     assert f"iter {saved['iter_num'] + 2}:" in resumed
     # a preemption checkpoint had no eval at its step: eval_only evaluates it, and saves nothing
-    proc = start(cwd, *ARGS, '--eval_interval=1000', '--max_iters=100000', '--always_save_checkpoint=True')
+    again = [*ARGS, '--out_dir=again']
+    proc = start(cwd, *again, '--eval_interval=1000', '--max_iters=100000', '--always_save_checkpoint=True')
     wait_for(proc, 'iter 3:')
     proc.send_signal(signum)
     proc.communicate(timeout=60)
-    step = torch.load(cwd / 'out' / 'ckpt.pt', weights_only=True)['iter_num']
-    before = (cwd / 'out' / 'ckpt.pt').read_bytes()
-    evaluated = run('train.py', *ARGS, '--init_from=resume', '--eval_only=True', cwd=cwd).stdout
+    step = torch.load(cwd / 'again' / 'ckpt.pt', weights_only=True)['iter_num']
+    before = (cwd / 'again' / 'ckpt.pt').read_bytes()
+    evaluated = run('train.py', *again, '--init_from=resume', '--eval_only=True', cwd=cwd).stdout
     assert f"step {step}: train loss" in evaluated
-    assert (cwd / 'out' / 'ckpt.pt').read_bytes() == before
+    assert (cwd / 'again' / 'ckpt.pt').read_bytes() == before
 
 
 def test_sigterm_under_ddp_stops_every_rank(prepared):
@@ -143,3 +144,16 @@ def test_a_failed_save_keeps_the_old_checkpoint(prepared):
     out = run('train.py', *ARGS, '--init_from=resume', '--max_iters=4', '--eval_interval=2', cwd=cwd).stdout
     assert 'could not save' in out and 'the previous checkpoint is kept' in out
     assert (cwd / 'out' / 'ckpt.pt').read_bytes() == before
+
+
+def test_a_new_run_does_not_write_over_an_earlier_runs_checkpoint(prepared):
+    cwd = prepared
+    run('train.py', *ARGS, '--max_iters=2', '--eval_interval=2', cwd=cwd)
+    before = (cwd / 'out' / 'ckpt.pt').read_bytes()
+    for init_from in ('scratch', 'out/ckpt.pt'):  # a new model, or fine-tuning that checkpoint into its own out_dir
+        proc = run('train.py', *ARGS, '--max_iters=4', f'--init_from={init_from}', cwd=cwd, check=False)
+        assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+        assert 'out holds the checkpoint of an earlier run' in proc.stderr and '--init_from=resume' in proc.stderr
+    assert (cwd / 'out' / 'ckpt.pt').read_bytes() == before
+    evaluated = run('train.py', *ARGS, '--init_from=resume', '--eval_only=True', cwd=cwd).stdout  # still usable
+    assert 'val loss' in evaluated
