@@ -294,13 +294,16 @@ class GPT(nn.Module):
         return flops_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                        vocab_size=None):
         """Yield the next tokens (B, 1), one step at a time, continuing the prompts idx (B, T).
 
         The context is the last block_size tokens, as in nanoGPT. While it fits, the KV cache makes
         each step one position of compute. Past block_size every position moves (positions are
         learned, absolute), so cached keys no longer apply and each step re-reads the whole window.
         use_cache=False always re-reads the whole context: the plain reference the cache must match.
+        vocab_size: sample among the first vocab_size ids only, the tokenizer's; a vocabulary padded for
+        speed (GPT-2's 50257 to 50304) has ids no tokenizer can decode.
         """
         block_size = self.config.block_size
         B, T = idx.size()
@@ -310,7 +313,7 @@ class GPT(nn.Module):
         context = idx[:, -block_size:]  # the prompt goes in one forward pass
         for n in range(T, T + max_new_tokens):
             logits, _ = self(context, cache=cache)
-            next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p)  # (B, 1)
+            next_token = sample_next(logits[:, -1, :vocab_size].float(), temperature, top_k, top_p)  # (B, 1)
             tokens[:, n] = next_token[:, 0]
             yield next_token
             if cache is not None and cache.pos < block_size:
@@ -318,9 +321,9 @@ class GPT(nn.Module):
             else:
                 context, cache = tokens[:, max(0, n + 1 - block_size):n + 1], None
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, vocab_size=None):
         """Return idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache))
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, vocab_size))
         return torch.cat([idx] + new, dim=1)
 
 

@@ -48,7 +48,8 @@ DEFAULTS = {k: v for k, v in globals().items()
 
 
 def load_model_and_tokenizer(cfg, device):
-    """The model (LoRA adapters merged into its weights), and the tokenizer of the data it was trained on."""
+    """The model (LoRA adapters merged into its weights), and the tokenizer of the data it was trained on:
+    (model, encode, decode, the tokenizer's vocabulary size, which a padded model's may exceed)."""
     model, checkpoint = load_model(cfg.init_from, cfg.out_dir, device)
     merge_lora(model)  # generation then costs what the base model's does
     meta = checkpoint_meta(checkpoint)
@@ -56,7 +57,7 @@ def load_model_and_tokenizer(cfg, device):
         die(f"the checkpoint has no tokenizer and its vocabulary ({model.config.vocab_size}) is too small for "
             f"GPT-2's: prepare its dataset (python prepare.py ...) so that data/<dataset>/meta.json exists")
     encode, decode = get_tokenizer(meta)
-    return model, encode, decode
+    return model, encode, decode, meta['vocab_size']
 
 
 def main(argv):
@@ -71,13 +72,13 @@ def main(argv):
     dtype = pick_dtype(cfg.dtype, device.split(':')[0])
     torch.manual_seed(cfg.seed)
 
-    model, encode, decode = load_model_and_tokenizer(cfg, device)
+    model, encode, decode, vocab_size = load_model_and_tokenizer(cfg, device)
     # inference needs no float32 master weights: weights in dtype halve the memory read per token
     model.eval().to(getattr(torch, dtype))
     if cfg.compile:
         model.forward = torch.compile(model.forward, dynamic=True)
     if cfg.serve:
-        return run_server(cfg, model, encode, decode, device)
+        return run_server(cfg, model, encode, decode, vocab_size, device)
 
     prompt = cfg.start
     if prompt.startswith('FILE:'):
@@ -90,7 +91,8 @@ def main(argv):
     if not ids:
         die("the prompt is empty: give --start=TEXT (the default is a newline)")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, :].repeat(cfg.num_samples, 1)  # (B, T)
-    stream = model.generate_stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p)
+    stream = model.generate_stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
+                                   vocab_size=vocab_size)
 
     if cfg.num_samples == 1:
         new_ids, printed = [], ''

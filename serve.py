@@ -96,7 +96,7 @@ def held_back(text, stops):
     return 0
 
 
-def complete(model, decode, device, ids, req):
+def complete(model, decode, vocab_size, device, ids, req):
     """Generate the request's n completions as one batch; yield (index, new text, finish_reason, tokens).
 
     finish_reason is None until a sample ends ('stop' or 'length'), tokens is how many it has generated.
@@ -107,7 +107,8 @@ def complete(model, decode, device, ids, req):
     x = torch.tensor(ids[-model.config.block_size:], dtype=torch.long, device=device)[None, :].repeat(n, 1)
     if req['seed'] is not None:
         torch.manual_seed(req['seed'])  # sample_next draws from the global RNG
-    stream = model.generate_stream(x, req['max_tokens'], req['temperature'], req['top_k'] or None, req['top_p'])
+    stream = model.generate_stream(x, req['max_tokens'], req['temperature'], req['top_k'] or None, req['top_p'],
+                                   vocab_size=vocab_size)
     new_ids, sent, done = [[] for _ in range(n)], [0] * n, [False] * n  # sent: characters already yielded
     for step, tokens in enumerate(stream, 1):
         last = step == req['max_tokens']
@@ -171,7 +172,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
                 body = json.loads(self.rfile.read(int(length)))
             except ValueError as e:
                 raise BadRequest(f"the body is not valid JSON: {e}")
-            ids, req = parse_request(body, app.encode, app.model.config.vocab_size, app.max_tokens_cap)
+            ids, req = parse_request(body, app.encode, app.vocab_size, app.max_tokens_cap)
         except BadRequest as e:
             return self.send_error_json(400, str(e), param=e.param)
 
@@ -221,7 +222,7 @@ def generation_loop(app):
     while True:
         job = app.jobs.get()
         try:
-            for event in complete(app.model, app.decode, app.device, job.ids, job.req):
+            for event in complete(app.model, app.decode, app.vocab_size, app.device, job.ids, job.req):
                 if job.cancelled:
                     break
                 job.events.put(event)
@@ -231,15 +232,16 @@ def generation_loop(app):
         job.events.put(None)
 
 
-def run_server(cfg, model, encode, decode, device):
+def run_server(cfg, model, encode, decode, vocab_size, device):
     """Answer completion requests on cfg.host:cfg.port until Ctrl-C."""
     try:
         server = CompletionServer((cfg.host, cfg.port), CompletionHandler)
     except OSError as e:
         die(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}): pick another --port or --host")
     name = cfg.out_dir if cfg.init_from == 'resume' else cfg.init_from  # the model's id in the API
-    server.app = SimpleNamespace(model=model, encode=encode, decode=decode, device=device, jobs=queue.Queue(),
-                                 name=name, created=int(time.time()), max_tokens_cap=cfg.max_tokens_cap)
+    server.app = SimpleNamespace(model=model, encode=encode, decode=decode, vocab_size=vocab_size, device=device,
+                                 jobs=queue.Queue(), name=name, created=int(time.time()),
+                                 max_tokens_cap=cfg.max_tokens_cap)
     host, port = server.server_address[:2]
     print(f"serving {name} on http://{host}:{port}/v1 (POST /v1/completions, GET /v1/models); Ctrl-C stops",
           flush=True)

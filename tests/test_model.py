@@ -153,6 +153,17 @@ def test_cached_generation_equals_full_recompute(temperature, top_k, top_p):
     assert torch.equal(cached, recomputed)
 
 
+def test_generation_samples_only_the_tokenizers_ids():
+    """A vocabulary padded for speed (GPT-2's 50257 to 50304) has ids no tokenizer decodes: vocab_size keeps
+    sampling off them, whatever the sampling settings."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=70, n_layer=1, n_head=2, n_embd=16)).eval()
+    idx = torch.zeros(4, 1, dtype=torch.long)
+    assert model.generate(idx, 100)[:, 1:].max() >= 65  # an untrained model: the padding ids do come up
+    for settings in ({}, {'top_k': 68}, {'top_p': 0.99}, {'temperature': 0.0}, {'use_cache': False}):
+        assert model.generate(idx, 100, vocab_size=65, **settings)[:, 1:].max() < 65, settings
+
+
 def test_generation_past_block_size_sees_the_last_block_size_tokens():
     """nanoGPT's policy: past block_size, the next token depends on the last block_size tokens only."""
     torch.manual_seed(4)

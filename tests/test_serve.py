@@ -116,7 +116,7 @@ class Scripted:
     def __init__(self, rows):
         self.rows, self.steps, self.config = rows, 0, SimpleNamespace(block_size=8)
 
-    def generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p):
+    def generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, vocab_size):
         for step in range(max_new_tokens):
             self.steps += 1
             yield torch.tensor([[row[step]] for row in self.rows])
@@ -130,7 +130,7 @@ def run_complete(rows, stop, max_tokens=None):
     model = Scripted(rows)
     req = dict(n=len(rows), stop=stop, seed=None, max_tokens=max_tokens or len(rows[0]), temperature=1.0, top_k=0,
                top_p=1.0)
-    return model, list(complete(model, utf8_decode, 'cpu', [0], req))
+    return model, list(complete(model, utf8_decode, 256, 'cpu', [0], req))
 
 
 def test_held_back_is_the_end_that_could_start_a_stop_sequence():
@@ -322,3 +322,28 @@ def test_ctrl_c_stops_the_server_cleanly(ckpt):
         assert proc.wait(timeout=20) == 0
     output = open(log_path).read()
     assert 'server stopped' in output and 'Traceback' not in output, output
+
+
+def test_a_padded_vocabulary_never_yields_ids_the_tokenizer_lacks(tmp_path):
+    """A model whose vocabulary is padded past its tokenizer's (as train.py pads GPT-2's) samples only ids the
+    tokenizer has, in sample.py and through the server; untrained, its padding ids would come up every few tokens."""
+    torch.manual_seed(0)
+    args = dict(block_size=32, vocab_size=len(CHARS) + 8, n_layer=1, n_head=2, n_embd=16, dropout=0.0, bias=True)
+    meta = {'tokenizer': 'char', 'vocab_size': len(CHARS), 'chars': CHARS, 'dtype': 'uint16'}
+    os.makedirs(tmp_path / 'out')
+    torch.save({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args, 'config': {}, 'meta': meta,
+                'iter_num': 0}, tmp_path / 'out' / 'ckpt.pt')
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), '--out_dir=out', '--device=cpu',
+                           '--num_samples=3', '--max_new_tokens=200', '--top_k=0', '--start=a'],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    samples = proc.stdout.split('---------------')[:-1]
+    assert len(samples) == 3 and all(len(sample.strip('\n')) >= 150 for sample in samples)
+    server_proc, url = start_server(str(tmp_path / 'out'), str(tmp_path / 'server.log'))
+    try:
+        r = requests.post(url + '/v1/completions', json=dict(prompt='a', max_tokens=200, n=3, top_k=0), timeout=60)
+        assert r.status_code == 200, r.text
+        assert all(len(choice['text']) == 200 for choice in r.json()['choices'])  # one character per token
+    finally:
+        server_proc.kill()
+        server_proc.wait()
