@@ -248,6 +248,18 @@ def start_worker(meta, in_pool=False):
     worker_encode, worker_dtype = array_encoder(meta), meta['dtype']
 
 
+def worker_pool(workers, meta):
+    """A pool of tokenizing workers. Forked workers start with this process's signal handlers: they are set
+    to the workers' own while the pool forks, so that a pool stopped before a worker ran start_worker (an
+    error in the first line of input) ends it quietly instead of with a KeyboardInterrupt traceback."""
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        return multiprocessing.Pool(workers, start_worker, (meta, True))
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
+
+
 def encode_batch(batch):
     """In a worker: (split, token ids) of one batch."""
     ids = []
@@ -304,7 +316,7 @@ def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='
         # worker processes, as reading, hashing and cutting the text here hold the GIL
         with open(tmp['train'], 'wb') as train_file, open(tmp['val'], 'wb') as val_file, \
                 tqdm(total=n_bytes, unit='B', unit_scale=True, desc=f'tokenizing ({workers} workers)') as bar, \
-                (multiprocessing.Pool(workers, start_worker, (meta, True)) if workers > 1 else nullcontext()) as pool:
+                (worker_pool(workers, meta) if workers > 1 else nullcontext()) as pool:
             out = {'train': train_file, 'val': val_file}
             documents = kept_documents(read_documents(files, bar.update), val_fraction, min_length,
                                        dedup and not single_text, counts)
