@@ -22,7 +22,7 @@ import torch
 
 from common import die, load_config, pick_device, pick_dtype
 from model import load_model, merge_lora
-from dataset import checkpoint_meta, get_tokenizer
+from dataset import GPT2_EOT, checkpoint_meta, get_tokenizer
 from serve import run_server
 
 # -----------------------------------------------------------------------------
@@ -49,7 +49,7 @@ DEFAULTS = {k: v for k, v in globals().items()
 
 def load_model_and_tokenizer(cfg, device):
     """The model (LoRA adapters merged into its weights), and the tokenizer of the data it was trained on:
-    (model, encode, decode, the tokenizer's vocabulary size, which a padded model's may exceed)."""
+    encode, decode, vocab_size (a padded model's may be larger) and eot, the id that ends a text (None: none)."""
     model, checkpoint = load_model(cfg.init_from, cfg.out_dir, device)
     merge_lora(model)  # generation then costs what the base model's does
     meta = checkpoint_meta(checkpoint)
@@ -57,7 +57,8 @@ def load_model_and_tokenizer(cfg, device):
         die(f"the checkpoint has no tokenizer and its vocabulary ({model.config.vocab_size}) is too small for "
             f"GPT-2's: prepare its dataset (python prepare.py ...) so that data/<dataset>/meta.json exists")
     encode, decode = get_tokenizer(meta)
-    return model, encode, decode, meta['vocab_size']
+    eot = GPT2_EOT if meta['tokenizer'] == 'gpt2' else None
+    return model, SimpleNamespace(encode=encode, decode=decode, vocab_size=meta['vocab_size'], eot=eot)
 
 
 def main(argv):
@@ -72,13 +73,13 @@ def main(argv):
     dtype = pick_dtype(cfg.dtype, device.split(':')[0])
     torch.manual_seed(cfg.seed)
 
-    model, encode, decode, vocab_size = load_model_and_tokenizer(cfg, device)
+    model, tokenizer = load_model_and_tokenizer(cfg, device)
     # inference needs no float32 master weights: weights in dtype halve the memory read per token
     model.eval().to(getattr(torch, dtype))
     if cfg.compile:
         model.forward = torch.compile(model.forward, dynamic=True)
     if cfg.serve:
-        return run_server(cfg, model, encode, decode, vocab_size, device)
+        return run_server(cfg, model, tokenizer, device)
 
     prompt = cfg.start
     if prompt.startswith('FILE:'):
@@ -87,27 +88,27 @@ def main(argv):
                 prompt = f.read()
         except (OSError, UnicodeDecodeError) as e:
             die(f"could not read the prompt file {prompt[5:]}: {e}")
-    ids = encode(prompt)
+    ids = tokenizer.encode(prompt)
     if not ids:
         die("the prompt is empty: give --start=TEXT (the default is a newline)")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, :].repeat(cfg.num_samples, 1)  # (B, T)
     stream = model.generate_stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
-                                   vocab_size=vocab_size)
+                                   vocab_size=tokenizer.vocab_size)
 
     if cfg.num_samples == 1:
         new_ids, printed = [], ''
         print(prompt, end='', flush=True)
         for token in stream:
             new_ids.append(token.item())
-            text = decode(new_ids)
+            text = tokenizer.decode(new_ids)
             if not text.endswith('\ufffd'):  # wait for the rest of a character split across tokens
                 print(text[len(printed):], end='', flush=True)
                 printed = text
-        print(decode(new_ids)[len(printed):])
+        print(tokenizer.decode(new_ids)[len(printed):])
     else:
         out = torch.cat(list(stream), dim=1)  # (B, max_new_tokens)
         for sample in out.tolist():
-            print(prompt + decode(sample))
+            print(prompt + tokenizer.decode(sample))
             print('---------------')
 
 

@@ -8,6 +8,7 @@ events, one per token) and top_k (ours); GET /v1/models lists the one model. Req
 threads, but generation runs in the main thread, one request at a time, so outputs never mix and a
 seed gives the same text every time. The n completions of a request are one batch through the KV-cached generate_stream.
 
+A sample also stops, with finish_reason 'stop', at the tokenizer's end of text (GPT-2's <|endoftext|>).
 Choices where OpenAI's API leaves room: an empty prompt is a 400 (sample.py refuses one too); a prompt
 longer than block_size is not refused: the model sees its last block_size tokens, as in sample.py, and
 usage counts all of them; text that might be the start of a stop sequence is held back from a stream
@@ -96,7 +97,7 @@ def held_back(text, stops):
     return 0
 
 
-def complete(model, decode, vocab_size, device, ids, req):
+def complete(model, tokenizer, device, ids, req):
     """Generate the request's n completions as one batch; yield (index, new text, finish_reason, tokens).
 
     finish_reason is None until a sample ends ('stop' or 'length'), tokens is how many it has generated.
@@ -108,15 +109,19 @@ def complete(model, decode, vocab_size, device, ids, req):
     if req['seed'] is not None:
         torch.manual_seed(req['seed'])  # sample_next draws from the global RNG
     stream = model.generate_stream(x, req['max_tokens'], req['temperature'], req['top_k'] or None, req['top_p'],
-                                   vocab_size=vocab_size)
+                                   vocab_size=tokenizer.vocab_size)
     new_ids, sent, done = [[] for _ in range(n)], [0] * n, [False] * n  # sent: characters already yielded
     for step, tokens in enumerate(stream, 1):
         last = step == req['max_tokens']
         for i, token in enumerate(tokens[:, 0].tolist()):
             if done[i]:
                 continue  # a stopped sample rides along in the batch until all have stopped
+            if token == tokenizer.eot:  # the model ended its text (GPT-2's <|endoftext|>): a stop, as in OpenAI's API
+                done[i] = True
+                yield i, tokenizer.decode(new_ids[i])[sent[i]:], 'stop', len(new_ids[i]) + 1
+                continue
             new_ids[i].append(token)
-            text = decode(new_ids[i])
+            text = tokenizer.decode(new_ids[i])
             if text.endswith('\ufffd') and not last:
                 continue  # wait for the rest of a character split across tokens
             found = [j for j in (text.find(s) for s in stops) if j >= 0]
@@ -172,7 +177,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
                 body = json.loads(self.rfile.read(int(length)))
             except ValueError as e:
                 raise BadRequest(f"the body is not valid JSON: {e}")
-            ids, req = parse_request(body, app.encode, app.vocab_size, app.max_tokens_cap)
+            ids, req = parse_request(body, app.tokenizer.encode, app.tokenizer.vocab_size, app.max_tokens_cap)
         except BadRequest as e:
             return self.send_error_json(400, str(e), param=e.param)
 
@@ -222,7 +227,7 @@ def generation_loop(app):
     while True:
         job = app.jobs.get()
         try:
-            for event in complete(app.model, app.decode, app.vocab_size, app.device, job.ids, job.req):
+            for event in complete(app.model, app.tokenizer, app.device, job.ids, job.req):
                 if job.cancelled:
                     break
                 job.events.put(event)
@@ -232,16 +237,15 @@ def generation_loop(app):
         job.events.put(None)
 
 
-def run_server(cfg, model, encode, decode, vocab_size, device):
+def run_server(cfg, model, tokenizer, device):
     """Answer completion requests on cfg.host:cfg.port until Ctrl-C."""
     try:
         server = CompletionServer((cfg.host, cfg.port), CompletionHandler)
     except OSError as e:
         die(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}): pick another --port or --host")
     name = cfg.out_dir if cfg.init_from == 'resume' else cfg.init_from  # the model's id in the API
-    server.app = SimpleNamespace(model=model, encode=encode, decode=decode, vocab_size=vocab_size, device=device,
-                                 jobs=queue.Queue(), name=name, created=int(time.time()),
-                                 max_tokens_cap=cfg.max_tokens_cap)
+    server.app = SimpleNamespace(model=model, tokenizer=tokenizer, device=device, jobs=queue.Queue(), name=name,
+                                 created=int(time.time()), max_tokens_cap=cfg.max_tokens_cap)
     host, port = server.server_address[:2]
     print(f"serving {name} on http://{host}:{port}/v1 (POST /v1/completions, GET /v1/models); Ctrl-C stops",
           flush=True)

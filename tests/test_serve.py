@@ -126,11 +126,15 @@ def utf8_decode(ids):  # byte tokens: a character like é takes two, as BPE may 
     return bytes(ids).decode('utf-8', errors='replace')
 
 
+EOT = 300  # an end-of-text id past the bytes, as GPT-2's <|endoftext|> is past its other tokens
+
+
 def run_complete(rows, stop, max_tokens=None):
     model = Scripted(rows)
     req = dict(n=len(rows), stop=stop, seed=None, max_tokens=max_tokens or len(rows[0]), temperature=1.0, top_k=0,
                top_p=1.0)
-    return model, list(complete(model, utf8_decode, 256, 'cpu', [0], req))
+    tokenizer = SimpleNamespace(decode=utf8_decode, vocab_size=EOT + 1, eot=EOT)
+    return model, list(complete(model, tokenizer, 'cpu', [0], req))
 
 
 def test_held_back_is_the_end_that_could_start_a_stop_sequence():
@@ -166,6 +170,15 @@ def test_complete_batch_runs_until_every_sample_has_stopped():
     assert [(e[0], e[2], e[3]) for e in events if e[2]] == [(0, 'stop', 4), (1, 'length', 16)]
     model, events = run_complete([list(b'a.bc'), list(b'ab.c')], ['.'])
     assert model.steps == 3  # both stopped: no fourth step
+
+
+def test_end_of_text_ends_a_sample_with_stop():
+    """The model's end-of-text token ends its sample, with finish_reason 'stop', as OpenAI's models stop."""
+    rows = [[*b'the end', EOT, *b' of it'], list(b'keeps going on')]
+    model, events = run_complete(rows, ['xyz', 'd o'])  # 'd o' would match across the end of text: it must not
+    texts = {i: ''.join(e[1] for e in events if e[0] == i) for i in (0, 1)}
+    assert texts == {0: 'the end', 1: 'keeps going on'}
+    assert [(e[0], e[2], e[3]) for e in events if e[2]] == [(0, 'stop', 8), (1, 'length', 14)]
 
 
 # -----------------------------------------------------------------------------
