@@ -10,7 +10,8 @@ measured in the same run (absolute times drift on shared machines; ratios don't)
 Training: tokens/s and MFU in the chosen dtype, eager and torch.compile'd (unless --compile=False),
 against float32 eager.
 Sampling: tokens/s of one sample from a 1-token prompt, KV cache and weights in dtype, against
-float32 generation that re-runs the whole context for every token (nanoGPT's generate).
+float32 generation that re-runs the whole context for every token (nanoGPT's generate); and the limit
+for batch-1 decoding in dtype: the tokens/s if only the weights' matrix-vector products ran.
 init_from (as in train.py: gpt2, a Hub repository, a checkpoint) measures that model instead of a new
 one. With lora_rank > 0, training is LoRA's against full fine-tuning, both in dtype, with the trainable
 parameters and the memory AdamW's state takes.
@@ -24,6 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from torch import nn
 
 import train
 from common import autocast_context, load_config, measure_peak_flops, pick_device, pick_dtype, synchronize
@@ -97,6 +99,21 @@ def sample_speed(cfg, model, device, dtype, use_cache):
     return cfg.sample_tokens / (time.perf_counter() - t0)
 
 
+def matvec_speed(model, device, dtype, repeats=10):
+    """Tokens/s if batch-1 decoding were only its matrix-vector products, each Linear's weight (the head's
+    included) times one vector in dtype: the limit that streaming the weights through sets."""
+    weights = [m.weight.detach().to(device, getattr(torch, dtype)) for m in model.modules() if isinstance(m, nn.Linear)]
+    x = torch.randn(max(w.size(1) for w in weights), device=device, dtype=getattr(torch, dtype))
+    for step in range(repeats + 1):
+        if step == 1:  # the first pass warms up
+            synchronize(device)
+            t0 = time.perf_counter()
+        for w in weights:
+            torch.mv(w, x[:w.size(1)])
+    synchronize(device)
+    return repeats / (time.perf_counter() - t0)
+
+
 def main(argv):
     cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
     train.check_config(cfg)
@@ -124,7 +141,8 @@ def main(argv):
     if cfg.train_steps > 0:
         batch = f"batch {cfg.batch_size}x{cfg.gradient_accumulation_steps}"
         if cfg.lora_rank > 0:
-            tok_s, _, trainable, state_bytes = train_speed(cfg, new_model(), device, dtype, use_compile, cfg.lora_rank)  # against full fine-tuning of the same model, in the same dtype
+            # against full fine-tuning of the same model, in the same dtype
+            tok_s, _, trainable, state_bytes = train_speed(cfg, new_model(), device, dtype, use_compile, cfg.lora_rank)
             full = train_speed(cfg, new_model(), device, dtype, use_compile) if cfg.baseline else (None,) * 4
             lora_name, full_name = f"LoRA rank {cfg.lora_rank}, {fast_name}", f"full fine-tuning, {fast_name}"
             rows.append((f"train tokens/s ({batch})", full_name, full[0], lora_name, tok_s))
@@ -145,6 +163,8 @@ def main(argv):
         base_tok_s = sample_speed(cfg, new_model(), device, 'float32', use_cache=False) if cfg.baseline else None
         rows.append((f"sample tokens/s (batch 1, {cfg.sample_tokens} new)", 'float32 full recompute', base_tok_s,
                      f"{dtype} KV cache", tok_s))
+        rows.append(("sample tokens/s if only the matrix-vector products ran", 'float32 full recompute', base_tok_s,
+                     f"{dtype} weights", matvec_speed(new_model(), device, dtype)))
 
     def fmt(v, is_mfu):
         return '-' if v is None else (f"{v * 100:.3g}%" if is_mfu else f"{v:,}" if isinstance(v, int) else f"{v:,.1f}")
