@@ -245,19 +245,25 @@ def start_worker(meta, in_pool=False):
     if in_pool:  # Ctrl-C is the main process's to handle: it stops the pool, with SIGTERM, which ends a worker
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if hasattr(signal, 'pthread_sigmask'):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by worker_pool until now
     worker_encode, worker_dtype = array_encoder(meta), meta['dtype']
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def worker_pool(workers, meta):
-    """A pool of tokenizing workers. Forked workers start with this process's signal handlers: they are set
-    to the workers' own while the pool forks, so that a pool stopped before a worker ran start_worker (an
-    error in the first line of input) ends it quietly instead of with a KeyboardInterrupt traceback."""
-    saved = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """A pool of tokenizing workers. Ctrl-C and SIGTERM wait while it starts them (blocked, then delivered):
+    a worker that got SIGTERM from a pool stopped early (an error in the first lines of input) before it
+    had set its own handlers would die with this process's, printing a KeyboardInterrupt traceback."""
+    if not hasattr(signal, 'pthread_sigmask'):  # Windows: no such signals to wait for
+        return multiprocessing.Pool(workers, start_worker, (meta, True))
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         return multiprocessing.Pool(workers, start_worker, (meta, True))
     finally:
-        signal.signal(signal.SIGINT, saved[0])
-        signal.signal(signal.SIGTERM, saved[1])
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def encode_batch(batch):
