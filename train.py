@@ -1,7 +1,7 @@
 """
 Train a GPT, on one CPU or GPU or on several through DDP.
 
-    python train.py config/train_shakespeare_char_cpu.py              # a laptop CPU, ~2 minutes
+    python train.py config/train_shakespeare_char_cpu.py              # a laptop CPU, 2 to 4 minutes
     python train.py config/train_shakespeare_char.py --max_iters=2000  # config file, then overrides
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
     # several nodes: run on each, with its own --node_rank (0 on the master):
@@ -269,8 +269,9 @@ def main(argv):
     master = rank == 0  # only the master process logs and writes checkpoints
     accum_steps = cfg.gradient_accumulation_steps // world_size  # micro-batches per process per step
     device_type = device.split(':')[0]
-    dtype = pick_dtype(cfg.dtype, device_type)
-    if ddp:  # 'auto' on a CPU is measured: every process takes rank 0's answer, so all train alike
+    # 'auto' on a CPU is measured: by rank 0 alone (the others would share its cores), whose answer all take
+    dtype = pick_dtype(cfg.dtype, device_type) if master or cfg.dtype != 'auto' else None
+    if ddp:
         answer = [dtype]
         torch.distributed.broadcast_object_list(answer, src=0)
         dtype = answer[0]

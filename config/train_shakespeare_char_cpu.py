@@ -2,7 +2,7 @@
 # (4 layers, 4 heads, 256 wide, block 128: 3.2M parameters, large enough for bfloat16 matmuls to pay off
 # where dtype auto picks them: 2 minutes on a Xeon with AMX, 4 in float32 on one without)
 
-out_dir = 'out-shakespeare-char'
+out_dir = 'out-shakespeare-char-cpu'
 eval_interval = 100
 eval_iters = 20
 log_interval = 20

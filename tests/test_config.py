@@ -98,3 +98,15 @@ def test_auto_dtype_on_a_cpu_is_the_one_that_trains_faster():
     if 0.8 < speedup < 1.6:
         pytest.skip(f"bf16 steps run {speedup:.2f}x as fast as fp32 here: too close to call either way")
     assert common.pick_dtype('auto', 'cpu') == ('bfloat16' if speedup >= 1.6 else 'float32'), f"speedup {speedup:.2f}"
+
+
+def test_auto_dtype_on_a_cpu_takes_bf16_only_with_the_margin(monkeypatch):
+    """The decision itself, for measured matmul speeds on either side of the 1.5x margin."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no bf16 instructions: 'auto' is float32 without measuring")
+    for ratio, expected in ((0.55, 'float32'), (1.4, 'float32'), (1.6, 'bfloat16'), (10.0, 'bfloat16')):
+        flops = {'float32': 100e9, 'bfloat16': ratio * 100e9}
+        monkeypatch.setattr(common, 'measure_peak_flops', lambda device, dtype, *args: flops[dtype])
+        common.cpu_bf16_is_faster.cache_clear()
+        assert common.pick_dtype('auto', 'cpu') == expected, ratio
+    common.cpu_bf16_is_faster.cache_clear()  # the next caller measures for real

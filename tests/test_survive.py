@@ -88,8 +88,9 @@ def test_signal_saves_at_the_next_step_and_resume_continues(prepared, signum):
 
 def test_sigterm_under_ddp_stops_every_rank(prepared):
     cwd = prepared
+    # dtype auto: rank 0 measures, and passes its answer to rank 1
     proc = start(cwd, *ARGS, '--eval_interval=1000', '--max_iters=100000', '--gradient_accumulation_steps=2',
-                 '--dtype=float32', launcher=('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
+                 launcher=('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
     wait_for(proc, 'iter 3:')
     proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
     out, err = proc.communicate(timeout=60)
@@ -157,3 +158,5 @@ def test_a_new_run_does_not_write_over_an_earlier_runs_checkpoint(prepared):
     assert (cwd / 'out' / 'ckpt.pt').read_bytes() == before
     evaluated = run('train.py', *ARGS, '--init_from=resume', '--eval_only=True', cwd=cwd).stdout  # still usable
     assert 'val loss' in evaluated
+    evaluated = run('train.py', *ARGS, '--eval_only=True', cwd=cwd).stdout  # saves nothing: not refused
+    assert 'val loss' in evaluated and (cwd / 'out' / 'ckpt.pt').read_bytes() == before
