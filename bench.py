@@ -62,20 +62,19 @@ def train_speed(cfg, model, device, dtype, use_compile, lora_rank=0):
     step_model = torch.compile(model) if use_compile else model
     ctx = autocast_context(device.split(':')[0], dtype)
     data = np.random.default_rng(cfg.seed).integers(0, model.config.vocab_size, 100_000).astype(np.int64)
+    scaler = torch.amp.GradScaler(device.split(':')[0], enabled=(dtype == 'float16'))
     accum = cfg.gradient_accumulation_steps
     for step in range(cfg.warmup_steps + cfg.train_steps):
         if step == cfg.warmup_steps:
             synchronize(device)
             t0 = time.perf_counter()
         for micro_step in range(accum):
-            x, y = train.get_batch(data, cfg.batch_size, cfg.block_size, train.batch_rng(cfg.seed, step, micro_step), device)
+            x, y, _ = train.get_batch(data, cfg.batch_size, cfg.block_size, train.batch_rng(cfg.seed, step, micro_step),
+                                      device)
             with ctx:
                 _, loss = step_model(x, y)
-            (loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss / accum).backward()
+        train.optimizer_step(model, optimizers, scaler, cfg.grad_clip)
     synchronize(device)
     dt = (time.perf_counter() - t0) / cfg.train_steps
     peak = measure_peak_flops(device, dtype)

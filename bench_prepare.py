@@ -23,21 +23,25 @@ import time
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def make_corpus(directory, megabytes, source, seed=0):
-    """.jsonl files of about 50 MB; returns their total size in bytes."""
+def make_corpus(directory, megabytes, source, seed=0, duplicates=0.02):
+    """.jsonl files of about 50 MB, `duplicates` of the documents copies of earlier ones; returns their total size
+    in bytes."""
     with open(source, encoding='utf-8') as f:
         lines = f.read().split('\n')
-    rng, docs, size, file, n_files = random.Random(seed), [], 0, None, 0
+    rng, docs, size, file, n_files, made = random.Random(seed), [], 0, None, 0, set()
     os.makedirs(directory, exist_ok=True)
     while size < megabytes * 1e6:
         if file is None or file.tell() > 50e6:
             file = open(os.path.join(directory, f'part_{n_files:03d}.jsonl'), 'w', encoding='utf-8')
             n_files += 1
-        if docs and rng.random() < 0.02:
+        if docs and rng.random() < duplicates:
             text = rng.choice(docs)  # an exact duplicate, for prepare.py to drop
         else:
-            start = rng.randrange(len(lines) - 200)
-            text = '\n'.join(lines[start:start + rng.randint(20, 200)])
+            start, length = rng.randrange(len(lines) - 200), rng.randint(20, 200)
+            if (start, length) in made:  # the same run of lines again: only the duplicates above repeat
+                continue
+            made.add((start, length))
+            text = '\n'.join(lines[start:start + length])
             docs = docs[-1000:] + [text]
         line = json.dumps({'text': text}) + '\n'
         file.write(line)

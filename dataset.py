@@ -1,10 +1,11 @@
 """
-The datasets on disk and the tokenizers that made them: what train.py, sample.py, eval.py and bench.py read.
+The datasets on disk: what train.py, sample.py, eval.py and bench.py read.
     data/<name>/train.bin, val.bin  raw token ids, uint16 (uint32 if the vocabulary needs it), for np.memmap
-    data/<name>/meta.json           tokenizer, vocab_size, dtype (and the characters, for 'char')
-or, for the speedrun's FineWeb, shards of GPT-2 tokens read in place. Also the one place that builds a
-tokenizer from meta.json (get_tokenizer), opens a split (open_split) and downloads a file (download).
-prepare.py makes the datasets; nothing here imports torch, so it and its worker processes start quickly.
+    data/<name>/meta.json           the tokenizer (tokenizer.py reads it), vocab_size, dtype
+    data/<name>/<split>_mask.bin    (chat datasets) which tokens training predicts, where conversations start
+or, for the speedrun's FineWeb, shards of GPT-2 tokens read in place. Also the one place that opens a split
+(open_split: a token stream, or Conversations) and downloads a file (download). prepare.py makes the
+datasets; nothing here imports torch, so it and its worker processes start quickly.
 """
 
 import glob
@@ -30,6 +31,7 @@ DATASETS = {  # name -> (where the text comes from, its SHA-256, tokenizer)
 }
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = 50256  # <|endoftext|>: starts every document of a GPT-2 dataset
+GPT2_META = {'tokenizer': 'gpt2', 'vocab_size': GPT2_VOCAB_SIZE, 'dtype': 'uint16'}  # meta.json of GPT-2 tokens
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256  # a header of 256 int32, then uint16 tokens
 INCOMPLETE = 'prepare-incomplete'  # present while prepare.py replaces a dataset: load_meta refuses the directory
 
@@ -41,45 +43,7 @@ def die(message):
 
 
 # -----------------------------------------------------------------------------
-# tokenizers
-
-def gpt2_encoding():
-    import tiktoken
-    try:
-        return tiktoken.get_encoding('gpt2')
-    except Exception as e:  # tiktoken downloads its files once; offline, it needs a cache
-        die(f"could not load the GPT-2 BPE files ({type(e).__name__}): connect to the internet once, "
-            "or set TIKTOKEN_CACHE_DIR to a directory that holds them")
-
-
-def get_tokenizer(meta):
-    """(encode, decode) for a dataset's meta: encode(str) -> list of ids, decode(ids) -> str."""
-    if meta['tokenizer'] == 'char':
-        chars = meta['chars']
-        stoi = {ch: i for i, ch in enumerate(chars)}
-
-        def encode(text):
-            unknown = set(text) - stoi.keys()
-            if unknown:
-                die(f"characters {''.join(sorted(unknown))!r} are not in this character vocabulary; "
-                    "use only characters of the training text")
-            return [stoi[ch] for ch in text]
-        return encode, lambda ids: ''.join(chars[i] for i in ids)
-    if meta['tokenizer'] == 'gpt2':
-        enc = gpt2_encoding()
-        return enc.encode_ordinary, enc.decode
-    die(f"unknown tokenizer {meta['tokenizer']!r} in meta.json: expected 'char' or 'gpt2'")
-
-
-def array_encoder(meta):
-    """get_tokenizer's encode for bulk text: str -> np.ndarray of ids, without a Python int per token."""
-    if meta['tokenizer'] == 'char':
-        codes = np.array([ord(ch) for ch in meta['chars']], dtype=np.uint32)  # ascending: chars are sorted
-        return lambda text: np.searchsorted(codes, np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32))
-    enc = gpt2_encoding()
-    # with no special token allowed or disallowed, "<|endoftext|>" in a text is plain text: encode_ordinary
-    return lambda text: enc.encode_to_numpy(text, disallowed_special=())
-
+# meta.json
 
 def load_meta(data_dir):
     """The dataset's tokenizer, vocab_size and dtype from its meta.json (not its list of shards, which
@@ -88,12 +52,15 @@ def load_meta(data_dir):
         die(f"{data_dir} is incomplete: a prepare.py writing it was interrupted; run it again")
     path = os.path.join(data_dir, 'meta.json')
     if os.path.exists(path):
-        with open(path) as f:
-            return {key: value for key, value in json.load(f).items() if key != 'shards'}
+        try:
+            with open(path) as f:
+                return {key: value for key, value in json.load(f).items() if key != 'shards'}
+        except (ValueError, AttributeError) as e:  # not JSON, or not an object
+            die(f"{path} is damaged ({type(e).__name__}): prepare the dataset again")
     if os.path.exists(os.path.join(data_dir, 'meta.pkl')):  # nanoGPT's, which we don't unpickle
         die(f"{data_dir} has nanoGPT's meta.pkl but no meta.json: run python prepare.py "
             f"{os.path.basename(data_dir)} --input=<its input.txt> to write meta.json")
-    return {'tokenizer': 'gpt2', 'vocab_size': GPT2_VOCAB_SIZE, 'dtype': 'uint16'}
+    return dict(GPT2_META)
 
 
 def checkpoint_meta(checkpoint):
@@ -109,10 +76,17 @@ def token_dtype(vocab_size):
 # -----------------------------------------------------------------------------
 # reading a split: split.bin, or the speedrun's shards
 
-def open_split(data_dir, split, dtype):
+def open_split(data_dir, split, dtype, block_size=None):
     """A split's tokens, indexable like one array: data/<name>/<split>.bin memory-mapped, or else the shards
-    meta.json lists for it (without a list, every *_<split>_*.bin), read as one stream. None if neither exists."""
+    meta.json lists for it (without a list, every *_<split>_*.bin), read as one stream. None if neither exists.
+    A chat dataset's (it has <split>_mask.bin), given block_size: its Conversations."""
     path = os.path.join(data_dir, f'{split}.bin')
+    mask_path = os.path.join(data_dir, f'{split}_mask.bin')
+    if os.path.exists(path) and block_size and os.path.exists(mask_path):
+        tokens, mask = np.memmap(path, dtype=dtype, mode='r'), np.memmap(mask_path, dtype=np.uint8, mode='r')
+        if len(mask) != len(tokens) or not len(mask) or not mask[0] & 2:
+            die(f"{mask_path} does not fit {path}: prepare the dataset again")
+        return Conversations(tokens, mask, block_size)
     if os.path.exists(path):
         return np.memmap(path, dtype=dtype, mode='r')
     listed, meta_path = {}, os.path.join(data_dir, 'meta.json')
@@ -122,6 +96,49 @@ def open_split(data_dir, split, dtype):
     names = listed.get(split) or sorted(os.path.basename(p) for p in glob.glob(os.path.join(data_dir, f'*_{split}_*.bin')))
     shards = [shard_tokens(os.path.join(data_dir, name)) for name in names]
     return None if not shards else shards[0] if len(shards) == 1 else TokenShards(shards)
+
+
+class Conversations:
+    """A chat dataset's split: its tokens, and per token a byte from <split>_mask.bin: 1 if training predicts
+    it (an assistant's text and end), + 2 where a conversation starts. Rows are conversations from their
+    first token, cut after block_size + 1 tokens; those whose first block_size targets hold nothing to
+    train on are left out (see `skipped`)."""
+
+    def __init__(self, tokens, mask, block_size):
+        self.tokens, self.mask = tokens, mask
+        starts = np.flatnonzero(mask & 2)
+        ends = np.append(starts[1:], len(tokens))
+        lengths = np.minimum(ends - starts, block_size + 1)
+        trained = np.concatenate([[0], np.cumsum(mask & 1)])  # trained[i]: trained tokens before i
+        usable = trained[starts + lengths] - trained[starts + 1] > 0
+        self.skipped = int((~usable).sum())
+        self.starts, self.ends, self.lengths = starts[usable], ends[usable], lengths[usable]
+        self.by_length = np.argsort(self.lengths, kind='stable')  # conversations of a batch have similar lengths
+
+    def __len__(self):
+        return len(self.starts)
+
+    def sample(self, batch_size, block_size, rng, mask_prompt=True):
+        """A random batch of about batch_size * block_size tokens, as a stream's batch: conversations of
+        about the same length (a random one, and the next ones in length), as many as fit. -> rows()"""
+        i = int(rng.integers(len(self)))
+        rows = min(len(self), max(1, batch_size * block_size // (int(self.lengths[self.by_length[i]]) - 1)))
+        first = min(i, len(self) - rows)
+        return self.rows(self.by_length[first:first + rows], mask_prompt)
+
+    def rows(self, indices, mask_prompt=True):
+        """(x, y, real tokens) of the conversations `indices`, one a row from its first token: inputs x and
+        targets y (B, T) int64, T the longest one's; y is -1 on padding and, with mask_prompt, on every token
+        training doesn't predict. Real tokens: x's tokens that are not padding."""
+        T = int(self.lengths[indices].max()) - 1
+        x, y = np.zeros((len(indices), T), dtype=np.int64), np.full((len(indices), T), -1, dtype=np.int64)
+        for row, i in enumerate(indices):
+            start, n = self.starts[i], self.lengths[i]
+            ids = self.tokens[start:start + n].astype(np.int64)
+            x[row, :n - 1] = ids[:-1]
+            trained = self.mask[start + 1:start + n] & 1 if mask_prompt else True
+            y[row, :n - 1] = np.where(trained, ids[1:], -1)
+        return x, y, int(self.lengths[indices].sum()) - len(indices)
 
 
 def shard_tokens(path):

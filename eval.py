@@ -5,6 +5,7 @@ per byte (GPT-2 BPE), which compare across tokenizers.
     python eval.py --out_dir=out-shakespeare-char                  # a run's model on its dataset's val split
     python eval.py --init_from=gpt2 --dataset=shakespeare           # GPT-2 from the Hub on a prepared dataset
     python eval.py --init_from=gpt2 --input=notes.txt               # on any UTF-8 text file
+    python eval.py --out_dir=out-sft --show=3                       # a chat model on its conversations' val split
 
 Every token but the first is predicted once, from the tokens before it in its window. Windows of
 block_size tokens start every `stride` tokens, and each scores only the tokens no earlier window did:
@@ -13,6 +14,12 @@ context); a smaller stride gives every scored token more context, for more compu
 random, so a model and a text always give the same figures.
 
     bits per byte = total nats / ln 2 / UTF-8 bytes of the scored text  (per character: characters)
+
+On a chat dataset (prepare.py's conversations) each conversation is scored from its first token, on the
+tokens training predicts (the assistant's), and the stop rate is measured: the model replies greedily to
+each conversation's last user turn, and a reply that ends with the assistant's end token within
+max_reply_tokens has stopped. A base model, whose vocabulary lacks the chat tokens, gets them as
+fine-tuning would give them (grow_vocab), so its figures are those fine-tuning starts from.
 """
 
 import math
@@ -25,8 +32,9 @@ import numpy as np
 import torch
 
 from common import autocast_context, die, load_config, pick_device, pick_dtype
-from model import load_model, merge_lora
-from dataset import checkpoint_meta, get_tokenizer, load_meta, open_split
+from model import load_model, merge_lora, padded_vocab_size
+from dataset import Conversations, checkpoint_meta, load_meta, open_split
+from tokenizer import Tokenizer, compatible
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a checkpoint file or out_dir, or a Hub model: gpt2, owner/name
@@ -40,6 +48,11 @@ batch_size = 1  # windows per forward pass: each one's logits are block_size x v
 max_tokens = 0  # score only the first max_tokens tokens (0: all of them), for a quicker estimate
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'float32'  # float32, unlike training: the figures should not depend on the hardware's bfloat16
+# chat datasets
+conversations = 0  # score only the first N conversations of the split (0: all)
+stop_rate = True  # also reply to each conversation's last user turn and count the replies that end themselves
+max_reply_tokens = 256  # a reply that has not ended after this many tokens has not stopped
+show = 0  # print the first `show` prompts with the model's replies
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
@@ -74,12 +87,50 @@ def evaluate(model, ids, block_size, stride, batch_size=1, device='cpu', ctx=nul
     return nats, count
 
 
-def read_tokens(cfg, checkpoint, meta, encode):
-    """(a name for the text, its token ids): the --input file, or a prepared dataset's split."""
+@torch.no_grad()
+def evaluate_conversations(model, conversations, n, batch_size=1, device='cpu', ctx=nullcontext()):
+    """(total negative log-likelihood in nats, tokens scored) of the first n conversations, each from its
+    first token, on the tokens training predicts. Batches hold conversations of similar lengths."""
+    model.eval()
+    order = np.argsort(conversations.lengths[:n], kind='stable')
+    nats, count = 0.0, 0
+    for i in range(0, n, batch_size):
+        x, y, _ = conversations.rows(order[i:i + batch_size])
+        with ctx:
+            _, loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+        scored = int((y >= 0).sum())
+        nats += loss.item() * scored
+        count += scored
+    return nats, count
+
+
+@torch.no_grad()
+def replies(model, tokenizer, conversations, n, max_reply_tokens, device='cpu'):
+    """(prompt ids, reply ids, whether it ended with the assistant's end token) for each of the first n
+    conversations: the model's greedy reply to its last user turn. Any special token ends a reply."""
+    model.eval()
+    reply_start, reply_end = tokenizer.special['<|assistant_start|>'], tokenizer.special['<|assistant_end|>']
+    ends = set(tokenizer.special.values())
+    for start, end in zip(conversations.starts[:n], conversations.ends[:n]):
+        ids = conversations.tokens[start:end].astype(np.int64)
+        prompt = ids[:np.flatnonzero(ids == reply_start)[-1] + 1]  # up to its last assistant turn's start
+        reply = []
+        for token in model.generate_stream(torch.from_numpy(prompt)[None].to(device), max_reply_tokens,
+                                           temperature=0, vocab_size=tokenizer.vocab_size):
+            reply.append(token.item())
+            if reply[-1] in ends:
+                break
+        yield prompt, reply, reply[-1] == reply_end
+
+
+def read_tokens(cfg, checkpoint, model, meta, block_size):
+    """(a name for the text, its token ids or a chat dataset's Conversations, the tokenizer that decodes
+    them): the --input file, or a prepared dataset's split."""
+    tokenizer = Tokenizer(meta, f"{cfg.init_from}'s tokenizer")
     if cfg.input:
         try:
             with open(cfg.input, encoding='utf-8') as f:
-                return cfg.input, np.array(encode(f.read()), dtype=np.int64)
+                return cfg.input, np.array(tokenizer.encode(f.read()), dtype=np.int64), tokenizer
         except (OSError, UnicodeDecodeError) as e:
             die(f"could not read {cfg.input} as UTF-8 text ({e}): pass a text file")
     dataset = cfg.dataset or checkpoint.get('config', {}).get('dataset')
@@ -87,14 +138,40 @@ def read_tokens(cfg, checkpoint, meta, encode):
         die(f"{cfg.init_from} has no dataset of its own: pass --dataset=NAME (prepared by prepare.py) or --input=FILE")
     data_dir = os.path.join('data', dataset)
     data_meta = load_meta(data_dir) if os.path.isdir(data_dir) else None
-    data = open_split(data_dir, cfg.split, data_meta['dtype']) if data_meta and cfg.split in ('train', 'val') else None
+    data = open_split(data_dir, cfg.split, data_meta['dtype'], block_size) \
+        if data_meta and cfg.split in ('train', 'val') else None
     if data is None:
         die(f"no split '{cfg.split}' of dataset '{dataset}' in {data_dir}: use --split=train or val, after "
             f"python prepare.py {dataset} ...")
-    if data_meta != meta:
+    # the data may add special tokens (a chat template's), which the model gets as fine-tuning gives them
+    grows = 'meta' in checkpoint and model.config.vocab_size < data_meta['vocab_size']
+    if not compatible(meta, data_meta) or (model.config.vocab_size < data_meta['vocab_size'] and not grows):
         die(f"dataset '{dataset}' is tokenized by {data_meta['tokenizer']} ({data_meta['vocab_size']} tokens), the "
             f"model by {meta['tokenizer']} ({meta['vocab_size']}): use --input=FILE, or a dataset prepared like its own")
-    return f"{dataset} {cfg.split}", data
+    if grows:
+        model.grow_vocab(padded_vocab_size(data_meta['vocab_size']))
+    return f"{dataset} {cfg.split}", data, Tokenizer(data_meta, f"{data_dir}/meta.json")
+
+
+def chat_results(cfg, model, name, conversations, tokenizer, device, ctx):
+    """eval.py on a chat dataset: the loss on the assistant's tokens, and the stop rate."""
+    n = min(cfg.conversations or len(conversations), len(conversations))
+    nats, count = evaluate_conversations(model, conversations, n, cfg.batch_size, device, ctx)
+    results = {'loss': nats / count, 'perplexity': math.exp(nats / count), 'tokens': count, 'conversations': n}
+    line = (f"{name}: {n:,} conversations, {count:,} assistant tokens | loss {results['loss']:.4f} | "
+            f"perplexity {results['perplexity']:.3f}")
+    if cfg.stop_rate:
+        stopped = 0
+        for k, (prompt, reply, ended) in enumerate(replies(model, tokenizer, conversations, n, cfg.max_reply_tokens,
+                                                           device)):
+            stopped += ended
+            if k < cfg.show:
+                print(f"--- prompt: {tokenizer.decode(prompt.tolist())}\n--- reply "
+                      f"({'ended' if ended else 'did not end'}): {tokenizer.decode(reply[:-1] if ended else reply)}")
+        results['stop_rate'] = stopped / n
+        line += f" | stop rate {stopped}/{n} = {stopped / n:.1%} (replies ended within {cfg.max_reply_tokens} tokens)"
+    print(line)
+    return results
 
 
 def main(argv):
@@ -103,22 +180,23 @@ def main(argv):
     ctx = autocast_context(device.split(':')[0], pick_dtype(cfg.dtype, device.split(':')[0]))
     model, checkpoint = load_model(cfg.init_from, cfg.out_dir, device)
     merge_lora(model)
-    meta = checkpoint_meta(checkpoint)
-    encode, decode = get_tokenizer(meta)
-    name, ids = read_tokens(cfg, checkpoint, meta, encode)
-    ids = ids[:cfg.max_tokens or len(ids)]
     block_size = cfg.block_size or model.config.block_size
     stride = cfg.stride or block_size
-    if len(ids) < 2:
-        die(f"{name} has {len(ids)} token(s): at least 2 are needed, one to predict the other")
     if not 0 < block_size <= model.config.block_size or not 0 < stride <= block_size or cfg.batch_size <= 0:
         die(f"need 0 < stride <= block_size <= {model.config.block_size} (the model's) and batch_size > 0, got "
             f"stride {stride}, block_size {block_size}, batch_size {cfg.batch_size}")
+    meta = checkpoint_meta(checkpoint)
+    name, ids, tokenizer = read_tokens(cfg, checkpoint, model, meta, block_size)
+    if isinstance(ids, Conversations):
+        return chat_results(cfg, model.to(device), name, ids, tokenizer, device, ctx)
+    ids = ids[:cfg.max_tokens or len(ids)]
+    if len(ids) < 2:
+        die(f"{name} has {len(ids)} token(s): at least 2 are needed, one to predict the other")
 
     nats, count = evaluate(model, ids, block_size, stride, cfg.batch_size, device, ctx)
     loss = nats / count
     unit = 'char' if meta['tokenizer'] == 'char' else 'byte'
-    units = count if unit == 'char' else len(decode(ids[1:].tolist()).encode('utf-8'))  # the scored text
+    units = count if unit == 'char' else len(tokenizer.decode(ids[1:].tolist()).encode('utf-8'))  # the scored text
     results = {'loss': loss, 'perplexity': math.exp(loss), f'bits_per_{unit}': nats / math.log(2) / units,
                'tokens': count, f'{unit}s': units}
     print(f"{name}: {count:,} tokens ({units:,} {unit}s), block_size {block_size}, stride {stride} | "

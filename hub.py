@@ -1,6 +1,7 @@
 """
-Files of a model repository on the Hugging Face Hub: config.json and the weights, downloaded once into
-a local cache, and a reader of the safetensors format that never unpickles anything.
+Files of a model repository on the Hugging Face Hub: config.json, the weights (and tokenizer.json, which
+tokenizer.py reads), downloaded once into a local cache, and a reader of the safetensors format that never
+unpickles anything.
 
     server: $HF_ENDPOINT, default https://huggingface.co (a private repository also needs $HF_TOKEN)
     cache:  $HF_HOME/gptforge/<repo>/, HF_HOME defaulting to ~/.cache/huggingface
@@ -13,15 +14,12 @@ import math
 import os
 
 import numpy as np
-import torch
 
-from common import die
-from dataset import download
+from dataset import die, download  # no torch at import: prepare.py fetches tokenizers through here
 
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')  # in order of preference: the first needs no pickle
-SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
-                      'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
-                      'U8': torch.uint8, 'BOOL': torch.bool}
+SAFETENSORS_DTYPES = {'F64': 'float64', 'F32': 'float32', 'F16': 'float16', 'BF16': 'bfloat16', 'I64': 'int64',
+                      'I32': 'int32', 'I16': 'int16', 'I8': 'int8', 'U8': 'uint8', 'BOOL': 'bool'}
 
 
 def cache_dir(repo):
@@ -29,40 +27,46 @@ def cache_dir(repo):
     return os.path.join(home, 'gptforge', *repo.split('/'))
 
 
-def fetch(repo):
-    """(config.json as a dict, {name: tensor}) of a Hub repository, from the cache or downloaded into it.
-
-    Only complete files enter the cache (dataset.download renames them when done), and a cached
-    file is used without asking the server: a second load works offline.
-    """
+def fetch_file(repo, filename):
+    """The path of one file of a Hub repository, from the cache or downloaded into it; None if the repository
+    lacks it. Only complete files enter the cache (dataset.download renames them when done), and a cached
+    file is used without asking the server: a second load works offline."""
     directory = cache_dir(repo)
     os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, filename)
     endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
     token = os.environ.get('HF_TOKEN')
+    if os.path.exists(path) or download(f'{endpoint}/{repo}/resolve/main/{filename}', path, missing_ok=True,
+                                        headers=token and {'Authorization': f'Bearer {token}'}):
+        return path
+    return None
 
-    def get(filename):  # the path of the cached file, downloaded if needed; None if the repository lacks it
-        path = os.path.join(directory, filename)
-        url = f'{endpoint}/{repo}/resolve/main/{filename}'
-        if os.path.exists(path) or download(url, path, headers=token and {'Authorization': f'Bearer {token}'},
-                                            missing_ok=True):
-            return path
-        return None
 
-    config_path = get('config.json')
-    if config_path is None:
+def fetch_config(repo):
+    """config.json of a Hub repository, as a dict."""
+    path = fetch_file(repo, 'config.json')
+    if path is None:
+        endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
         die(f"no model '{repo}' here or on {endpoint} (no file or directory of that name, and the Hub has no "
             f"{repo}/config.json): check the name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, owner/name; "
             "a private repository needs HF_TOKEN) or the checkpoint's path")
-    cached = [name for name in WEIGHT_FILES if os.path.exists(os.path.join(directory, name))]
-    weights_path = next((path for path in map(get, cached or WEIGHT_FILES) if path), None)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        die(f"{path} is not a readable config.json ({e}): delete it to download it again")
+
+
+def fetch(repo):
+    """(config.json as a dict, {name: tensor}) of a Hub repository, from the cache or downloaded into it."""
+    import torch
+    config = fetch_config(repo)
+    cached = [name for name in WEIGHT_FILES if os.path.exists(os.path.join(cache_dir(repo), name))]
+    weights_path = next((path for path in (fetch_file(repo, name) for name in cached or WEIGHT_FILES) if path), None)
     if weights_path is None:
+        endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
         die(f"{endpoint}/{repo} has neither {' nor '.join(WEIGHT_FILES)}: only repositories with PyTorch "
             "weights in one of those files load")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        die(f"{config_path} is not a readable config.json ({e}): delete it to download it again")
     if weights_path.endswith('.safetensors'):
         return config, read_safetensors(weights_path)
     try:
@@ -79,6 +83,7 @@ def read_safetensors(path):
     (as this machine's numbers are: x86 and ARM). The tensors are views of a copy-on-write memory
     map, so only what is used gets read from disk.
     """
+    import torch
     size = os.path.getsize(path)
     try:
         with open(path, 'rb') as f:
@@ -91,7 +96,8 @@ def read_safetensors(path):
         for name, info in header.items():
             if name == '__metadata__':
                 continue
-            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info['dtype']], info['shape'], info['data_offsets']
+            dtype, shape = getattr(torch, SAFETENSORS_DTYPES[info['dtype']]), info['shape']
+            begin, end = info['data_offsets']
             count = math.prod(shape)
             if not 0 <= begin <= end <= len(data) or end - begin != count * dtype.itemsize:
                 raise ValueError(f"{name}'s bytes [{begin}, {end}) do not hold {info['dtype']} {shape}")

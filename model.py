@@ -26,7 +26,8 @@ from torch.nn import functional as F
 
 import hub
 from common import die
-from dataset import GPT2_VOCAB_SIZE
+from dataset import GPT2_META, GPT2_VOCAB_SIZE, token_dtype
+from tokenizer import hub_tokenizer
 
 
 class KVCache:
@@ -267,6 +268,21 @@ class GPT(nn.Module):
         else:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
+    @torch.no_grad()
+    def grow_vocab(self, vocab_size):
+        """More token ids, e.g. for the chat template's special tokens: the new rows of the embedding (and so
+        of the tied head) start as the mean embedding, a token the model already reads as typical text."""
+        old = self.transformer.wte.weight
+        rows = old.mean(dim=0, keepdim=True).expand(vocab_size - old.size(0), -1)
+        self.transformer.wte.weight = nn.Parameter(torch.cat([old, rows]), requires_grad=old.requires_grad)
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        else:
+            head = self.lm_head.weight
+            self.lm_head.weight = nn.Parameter(torch.cat([head, head.mean(dim=0, keepdim=True).expand_as(rows)]),
+                                               requires_grad=head.requires_grad)
+        self.lm_head.out_features = self.transformer.wte.num_embeddings = self.config.vocab_size = vocab_size
+
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon_lr=0.0):
         """[AdamW], or with muon_lr > 0 [AdamW, Muon]: Muon for the blocks' weight matrices (it
         orthogonalises their updates), AdamW for the embeddings, the head, biases and norms."""
@@ -348,6 +364,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)  # first token with cdf > u
 
 
+def padded_vocab_size(vocab_size):
+    """vocab_size rounded up to a multiple of 64, which makes the head's matmul faster (GPT-2's 50257 -> 50304),
+    unless that adds more than 1% of rows (a character vocabulary's 65 stays 65)."""
+    padded = math.ceil(vocab_size / 64) * 64
+    return padded if padded - vocab_size < 0.01 * vocab_size else vocab_size
+
+
 LORA_TARGETS = ('c_attn', 'c_proj', 'c_fc')  # the Linears of a block: attention's two, the MLP's two (c_proj names both)
 
 
@@ -411,9 +434,14 @@ def from_pretrained(repo, device='cpu', dropout=0.0):
     for key, fine in unlike_ours.items():
         if config.get(key, fine[0]) not in fine:
             die(f"{repo} has {key}={config[key]!r} in its config.json, which this GPT-2 does not implement")
-    if config['vocab_size'] < GPT2_VOCAB_SIZE:
-        die(f"{repo} has {config['vocab_size']} tokens, fewer than GPT-2's {GPT2_VOCAB_SIZE}: its tokenizer is "
-            "not GPT-2's, the only one gptforge has for Hub models")
+    # the tokenizer: GPT-2's for GPT-2's vocabulary (or a larger, padded one without a tokenizer.json of its own)
+    meta = hub_tokenizer(repo) if config['vocab_size'] != GPT2_VOCAB_SIZE else None
+    if meta is None and config['vocab_size'] < GPT2_VOCAB_SIZE:
+        die(f"{repo} has {config['vocab_size']} tokens, fewer than GPT-2's {GPT2_VOCAB_SIZE}, and no tokenizer.json: "
+            "there is no tokenizer to use it with")
+    meta = {**meta, 'dtype': token_dtype(meta['vocab_size'])} if meta else dict(GPT2_META)
+    if meta['vocab_size'] > config['vocab_size']:
+        die(f"{repo}'s tokenizer.json has ids up to {meta['vocab_size'] - 1}, past its {config['vocab_size']} embeddings")
     model_args = dict(n_layer=config['n_layer'], n_head=config['n_head'], n_embd=n_embd, bias=True, dropout=dropout,
                       block_size=config.get('n_positions', config.get('n_ctx')), vocab_size=config['vocab_size'])
     model = GPT(GPTConfig(**model_args))
@@ -435,7 +463,6 @@ def from_pretrained(repo, device='cpu', dropout=0.0):
     if not torch.equal(state_dict['lm_head.weight'], state_dict['transformer.wte.weight']):
         die(f"{repo} has an lm_head.weight apart from its token embeddings: only tied embeddings (GPT-2's) load")
     model.load_state_dict(state_dict)
-    meta = {'tokenizer': 'gpt2', 'vocab_size': GPT2_VOCAB_SIZE, 'dtype': 'uint16'}  # as prepare.py writes it
     return model.to(device), {'model_args': model_args, 'meta': meta, 'init_from': repo}
 
 
@@ -468,6 +495,8 @@ def load_checkpoint(path, device='cpu', dropout=None, lora_dropout=None):
         merge_lora(model)  # the base may itself be a LoRA checkpoint
         if model.config.block_size > model_args['block_size']:
             model.crop_block_size(model_args['block_size'])
+        if model.config.vocab_size < model_args['vocab_size']:  # grown for a chat template: frozen at the mean
+            model.grow_vocab(model_args['vocab_size'])
         if asdict(model.config) != {**asdict(GPTConfig()), **model_args}:
             die(f"{path} holds LoRA adapters for a base '{lora['base']}' of another shape than the one found "
                 f"there now: point the checkpoint's base at the model it was trained on")

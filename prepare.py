@@ -1,16 +1,22 @@
 """
-Turn text into the token streams train.py reads:
+Turn text, or conversations, into the token streams train.py reads:
     data/<name>/train.bin, val.bin  raw token ids, uint16 (uint32 if the vocabulary needs it), for np.memmap
-    data/<name>/meta.json           tokenizer, vocab_size, dtype (and the characters, for 'char')
+    data/<name>/meta.json           the tokenizer (tokenizer.py), vocab_size, dtype
+    data/<name>/train_mask.bin, val_mask.bin   (conversations) a byte per token: 1 if training predicts it,
+                                    + 2 where a conversation starts
 
     python prepare.py shakespeare_char           # tiny shakespeare, one token per character
     python prepare.py shakespeare                # the same text in GPT-2 BPE tokens
     python prepare.py NAME --input=PATH          # a file, a directory, a glob or an http(s) URL
+    python prepare.py NAME --input=PATH --tokenizer=bpe --vocab_size=8192   # a BPE trained on the train split
+    python prepare.py sft --input=chats.jsonl --tokenizer=data/NAME         # conversations, NAME's tokenizer
     python prepare.py fineweb10B --shards=8      # FineWeb in GPT-2 tokens, as the NanoGPT speedrun publishes it
 
-.txt and .md files are one document each, .jsonl files one document per line (its "text" field).
+.txt and .md files are one document each, .jsonl files one document per line (its "text" field), .json
+files a list of them. Records with "messages" (OpenAI's fine-tuning format) or "instruction" and "output"
+(Alpaca's) are conversations, rendered with the chat template.
 A single text file (or URL) is split by position: its first (1 - val_fraction) is the training split.
-Anything else is split by document (every 1/val_fraction-th kept one goes to val), and in GPT-2 tokens
+Anything else is split by document (every 1/val_fraction-th kept one goes to val), and in BPE tokens
 every document starts with the end-of-text token. Exact duplicate documents are dropped.
 
 Memory stays bounded whatever the input's size: documents are read one at a time and cut into pieces of
@@ -29,20 +35,25 @@ import os
 import re
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from dataset import (DATASETS, GPT2_EOT, GPT2_VOCAB_SIZE, INCOMPLETE, array_encoder, die, download, shard_tokens,
-                     token_dtype)
+from dataset import DATASETS, GPT2_META, INCOMPLETE, die, download, load_meta, shard_tokens, token_dtype
+from tokenizer import (Tokenizer, check_roles, check_vocab_size, gpt2_encoding, hub_tokenizer, train_bpe,
+                       with_chat_tokens)
 
 FINEWEB_REPO = 'kjj0/fineweb10B-gpt2'  # the speedrun's shards: fineweb_val_000000.bin, fineweb_train_000001..103.bin
 FINEWEB_TRAIN_SHARDS = 103
 PIECE_CHARS = 1 << 20  # the unit of a tokenizer worker's work: about 60 ms of GPT-2 BPE
-CUT = re.compile(r'[ \t\n\r\v\f](?=\S)')  # where pieces() cuts; ASCII: tiktoken's \s differs from Python's beyond it
+# where pieces() cuts: an ASCII space or line break between a letter or digit and a non-space. Both GPT-2's
+# split pattern and ours (tokenizer.py) end a split after that letter and start one at that space, so the
+# pieces' tokens are the whole text's. (Not after punctuation: ours keeps the line breaks that follow it.)
+CUT = re.compile(r'(?<=[^\W_])[ \t\n\r](?=\S)')
 LARGE_FILE = 64 << 20  # bytes: a text file larger than this is read in chunks, never held in memory whole
-TEXT_SUFFIXES, JSONL_SUFFIX = ('.txt', '.md'), '.jsonl'
+TEXT_SUFFIXES, JSONL_SUFFIX, JSON_SUFFIX = ('.txt', '.md'), '.jsonl', '.json'
+RECORD_SUFFIXES = (JSONL_SUFFIX, JSON_SUFFIX)  # files of JSON records: documents or conversations
 
 
 # -----------------------------------------------------------------------------
@@ -51,7 +62,7 @@ TEXT_SUFFIXES, JSONL_SUFFIX = ('.txt', '.md'), '.jsonl'
 def input_files(name, input_path, data_dir):
     """(files to read, whether they are one text to split by position): --input (a file, directory, glob or
     URL), else data/<name>/input.txt, else the dataset's known URL. A directory is walked for .txt, .md and
-    .jsonl files; they are read in path order. A directory, a glob or a .jsonl file is split by document."""
+    .jsonl files; they are read in path order. A directory, a glob or a file of records is split by document."""
     input_path = input_path and os.path.expanduser(input_path)  # --input=~/notes: the shell leaves that ~ alone
     if not input_path or input_path.startswith(('http://', 'https://')):
         url, sha256 = (input_path, None) if input_path else DATASETS.get(name, (None, None))[:2]
@@ -65,9 +76,9 @@ def input_files(name, input_path, data_dir):
             die(f"no text for dataset '{name}': {path} does not exist; pass --input=PATH (a file, directory, glob or URL)")
         else:
             download(url, path, sha256=sha256)
-        return [path], not path.endswith(JSONL_SUFFIX)
+        return [path], not path.endswith(RECORD_SUFFIXES)
     if os.path.isfile(input_path):
-        return [input_path], not input_path.endswith(JSONL_SUFFIX)
+        return [input_path], not input_path.endswith(RECORD_SUFFIXES)
     if os.path.isdir(input_path) or glob.has_magic(input_path):
         files = []
         for path in sorted(glob.glob(input_path, recursive=True)) if glob.has_magic(input_path) else [input_path]:
@@ -82,16 +93,16 @@ def input_files(name, input_path, data_dir):
     die(f"{input_path} does not exist: pass a file, a directory, a glob (quoted) or an http(s) URL as --input")
 
 
-def read_documents(files, progress=lambda n_bytes: None):
-    """Each document of the files in order, as its text in chunks with line endings made \\n: a list, or a
-    TextFile for a text file of more than LARGE_FILE bytes, which is read when iterated rather than held."""
+def read_documents(files, progress=lambda n_bytes: None, chat=False):
+    """Each document of the files in order: its text in chunks with line endings made \\n (a list, or a
+    TextFile for a text file of more than LARGE_FILE bytes, which is read when iterated rather than held);
+    with chat, each record as a Conversation."""
     for path in files:
-        if path.endswith(JSONL_SUFFIX):
-            with open(path, 'rb') as f:
-                for line_no, line in enumerate(f, 1):
-                    progress(len(line))
-                    if line.strip():
-                        yield [jsonl_text(line, path, line_no)]
+        if path.endswith(RECORD_SUFFIXES):
+            for where, record in records(path, progress):
+                yield conversation(record, where) if chat else [record_text(record, where)]
+        elif chat:
+            die(f"{path} is text, not conversations: give .jsonl or .json records (or --format=text)")
         elif os.path.getsize(path) > LARGE_FILE:
             yield TextFile(path, progress)
         else:
@@ -99,16 +110,102 @@ def read_documents(files, progress=lambda n_bytes: None):
             progress(os.path.getsize(path))
 
 
-def jsonl_text(line, path, line_no):
-    try:
-        text = json.loads(line).get('text')
-    except (ValueError, AttributeError):  # not JSON (or not UTF-8), or not an object
-        die(f"{path}, line {line_no}, is not a JSON object: every line of a .jsonl file must be one")
+def records(path, progress=lambda n_bytes: None):
+    """(where, record) for each JSON object of a .jsonl file (one a line) or a .json file (a list of them).
+    A lone surrogate escaped in a string (no text) becomes U+FFFD; line endings become \\n."""
+    if path.endswith(JSON_SUFFIX):  # one JSON value, read whole: such files are small (instruction datasets)
+        with open(path, 'rb') as f:
+            raw = f.read()
+        progress(len(raw))
+        try:
+            items = json.loads(raw)
+        except ValueError as e:  # not JSON, or not UTF-8
+            die(f"{path} is not valid JSON ({e}): a .json file must be a list of records")
+        if not isinstance(items, list):
+            die(f"{path} is not a list of records: a .json file must hold one, [{{...}}, {{...}}]")
+        escaped = has_escaped_surrogate(raw)
+        lines = ((f"{path}, record {i}", item, escaped) for i, item in enumerate(items, 1))
+    else:
+        lines = jsonl_records(path, progress)
+    for where, record, escaped_surrogate in lines:
+        if not isinstance(record, dict):
+            die(f"{where}, is not a JSON object: every record must be one")
+        yield where, clean_strings(record) if escaped_surrogate else record
+
+
+def jsonl_records(path, progress):
+    with open(path, 'rb') as f:
+        for line_no, line in enumerate(f, 1):
+            progress(len(line))
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # not JSON, or not UTF-8
+                    record = None
+                yield f"{path}, line {line_no}", record, has_escaped_surrogate(line)
+
+
+def has_escaped_surrogate(raw):
+    return b'\\ud' in raw or b'\\uD' in raw  # \\udc00 or \\uDC00: both are JSON
+
+
+def clean_strings(value):
+    """value with lone surrogates in its strings made U+FFFD: an escaped surrogate without its pair is no text."""
+    if isinstance(value, str):
+        return re.sub('[\ud800-\udfff]', '\ufffd', value)
+    if isinstance(value, list):
+        return [clean_strings(v) for v in value]
+    if isinstance(value, dict):
+        return {k: clean_strings(v) for k, v in value.items()}
+    return value
+
+
+def record_text(record, where):
+    text = record.get('text')
     if not isinstance(text, str):
-        die(f'{path}, line {line_no}, has no "text" string: the document\'s text must be there')
-    if b'\\ud' in line.lower():  # an escaped surrogate: one without its pair is no text, and becomes U+FFFD
-        text = re.sub('[\ud800-\udfff]', '\ufffd', text)
+        die(f'{where}, has no "text" string: the document\'s text must be there')
+    return newlines(text)
+
+
+def newlines(text):
     return text.replace('\r\n', '\n').replace('\r', '\n')
+
+
+class Conversation(list):
+    """A conversation: its messages [{'role', 'content'}], as the chat template (tokenizer.py) renders them."""
+
+    def texts(self):
+        return [m['content'] for m in self]
+
+
+def conversation(record, where):
+    """A record in OpenAI's fine-tuning format {"messages": [...]} or Alpaca's {"instruction", "input",
+    "output"} (a user turn: the instruction, then the input if any; an assistant turn: the output)."""
+    if 'messages' in record:
+        messages = record['messages']
+    elif isinstance(record.get('instruction'), str) and isinstance(record.get('output'), str):
+        extra = record.get('input') or ''
+        user = record['instruction'] + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else '')
+        messages = [{'role': 'user', 'content': user}, {'role': 'assistant', 'content': record['output']}]
+    else:
+        die(f'{where}, has neither "messages" nor "instruction" and "output" strings: it is not a conversation')
+    try:
+        check_roles(messages, last='assistant')
+        if any(m['role'] == 'assistant' and not m['content'].strip() for m in messages):
+            raise ValueError("an assistant turn is empty: there is nothing to train on")
+    except ValueError as e:
+        die(f"{where}: {e}")
+    return Conversation({'role': m['role'], 'content': newlines(m['content'])} for m in messages)
+
+
+def detect_format(files):
+    """'chat' if the first record of the input is a conversation ("messages", or "instruction" and
+    "output"), else 'text'."""
+    for path in files:
+        if path.endswith(RECORD_SUFFIXES):
+            for _, record in records(path):
+                return 'chat' if 'messages' in record or {'instruction', 'output'} <= record.keys() else 'text'
+    return 'text'
 
 
 class TextFile:
@@ -130,16 +227,16 @@ class TextFile:
             die(f"{self.path} is not UTF-8 text: convert it (e.g. iconv -t utf-8) or move it out of the input")
 
 
-def pieces(chunks):
-    """A document's text re-cut into pieces of a little over PIECE_CHARS, each cut just before an ASCII
-    whitespace that precedes a non-space: GPT-2's tokenizer always starts a new word there, so tokenizing piece
-    by piece gives the same tokens as the whole text, however many workers there are."""
-    rest = ''
+def pieces(chunks, size=None):
+    """A document's text re-cut into pieces of a little over `size` (PIECE_CHARS) characters, each cut where
+    CUT says a tokenizer's split always starts, so tokenizing piece by piece gives the same tokens as the
+    whole text, however many workers there are."""
+    rest, size = '', size or PIECE_CHARS
     for chunk in chunks:
         rest += chunk
-        while len(rest) > PIECE_CHARS:
-            cut = CUT.search(rest, PIECE_CHARS)
-            if cut is None and len(rest) < 16 * PIECE_CHARS:
+        while len(rest) > size:
+            cut = CUT.search(rest, size)
+            if cut is None and len(rest) < 16 * size:
                 break  # wait for more text
             end = cut.start() if cut else len(rest)  # a text without spaces is cut anywhere, rarely
             yield rest[:end]
@@ -151,16 +248,21 @@ def pieces(chunks):
 # -----------------------------------------------------------------------------
 # choosing the documents, and tokenizing them in worker processes
 
-def characters(files):
+def characters(files, chat=False):
     """The characters the input uses, sorted, and how many it has: for a char vocabulary, or a split by position."""
     from tqdm import tqdm
     used, count = np.zeros(0x110000, dtype=bool), 0  # one flag per Unicode code point
     with tqdm(total=sum(os.path.getsize(p) for p in files), unit='B', unit_scale=True, desc='counting characters') as bar:
-        for document in read_documents(files, bar.update):
-            for chunk in document:
+        for document in read_documents(files, bar.update, chat):
+            for chunk in texts(document):
                 used[np.frombuffer(chunk.encode('utf-32-le'), dtype=np.uint32)] = True
                 count += len(chunk)
     return ''.join(map(chr, np.flatnonzero(used))), count
+
+
+def texts(document):
+    """A document's text in chunks: a conversation's are its messages."""
+    return document.texts() if isinstance(document, Conversation) else document
 
 
 class SeenHashes:
@@ -193,9 +295,11 @@ def kept_documents(documents, val_fraction, min_length, dedup, counts):
             length = os.path.getsize(document.path)  # its size stands in for its length, saving a read
         else:
             length, digest = 0, hashlib.blake2b(digest_size=8)  # 64 bits: 1e7 documents collide with p < 3e-6
-            for chunk in (TextFile(document.path) if isinstance(document, TextFile) else document):
+            if isinstance(document, Conversation):  # the same messages, roles included
+                digest.update(json.dumps(document).encode())
+            for chunk in texts(TextFile(document.path) if isinstance(document, TextFile) else document):
                 length += len(chunk)
-                if dedup:
+                if dedup and not isinstance(document, Conversation):
                     digest.update(chunk.encode())
         if length == 0 or length < min_length:
             counts['too short'] += 1
@@ -208,11 +312,14 @@ def kept_documents(documents, val_fraction, min_length, dedup, counts):
         yield split, document
 
 
-def by_document(documents, separate):
-    """(split, starts_a_document, text) for the documents in pieces, in order."""
+def by_document(documents):
+    """(split, starts_a_document, text or Conversation) for the documents in pieces (a conversation whole), in order."""
     for split, document in documents:
+        if isinstance(document, Conversation):
+            yield split, True, document
+            continue
         for i, piece in enumerate(pieces(document)):
-            yield split, separate and i == 0, piece
+            yield split, i == 0, piece
 
 
 def by_position(documents, split_at):
@@ -228,12 +335,16 @@ def by_position(documents, split_at):
                 yield 'val', False, piece[cut:]
 
 
+def size(item):
+    return sum(map(len, item.texts())) if isinstance(item, Conversation) else len(item)
+
+
 def batches(items):
     """by_document's or by_position's items in tasks of about PIECE_CHARS characters, each of one split."""
     open_batches, sizes = {'train': [], 'val': []}, {'train': 0, 'val': 0}
-    for split, starts_a_document, text in items:
-        open_batches[split].append((split, starts_a_document, text))
-        sizes[split] += len(text)
+    for split, starts_a_document, item in items:
+        open_batches[split].append((split, starts_a_document, item))
+        sizes[split] += size(item)
         if sizes[split] >= PIECE_CHARS:
             yield open_batches[split]
             open_batches[split], sizes[split] = [], 0
@@ -241,13 +352,19 @@ def batches(items):
 
 
 def start_worker(meta, in_pool=False):
-    global worker_encode, worker_dtype
+    global worker_tokenizer, worker_gpt2
     if in_pool:  # Ctrl-C is the main process's to handle: it stops the pool, with SIGTERM, which ends a worker
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if hasattr(signal, 'pthread_sigmask'):
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by worker_pool until now
-    worker_encode, worker_dtype = array_encoder(meta), meta['dtype']
+    worker_tokenizer = Tokenizer(meta)
+    worker_gpt2 = None  # GPT-2's tokenizer, to compare bytes per token on the val text with (where it loads)
+    if meta['tokenizer'] == 'bpe':
+        try:
+            worker_gpt2 = gpt2_encoding()
+        except SystemExit:
+            pass
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -267,13 +384,26 @@ def worker_pool(workers, meta):
 
 
 def encode_batch(batch):
-    """In a worker: (split, token ids) of one batch."""
-    ids = []
-    for _, starts_a_document, text in batch:
-        if starts_a_document:
-            ids.append(np.array([GPT2_EOT]))
-        ids.append(worker_encode(text))
-    return batch[0][0], np.concatenate(ids).astype(worker_dtype)
+    """In a worker: (split, token ids, mask or None, statistics) of one batch. A conversation is rendered with
+    the chat template, and its mask says which tokens training predicts (1) and where it starts (2). For the
+    val text: its UTF-8 bytes, its tokens without separators and GPT-2's tokens of it."""
+    tok, ids, masks, stats = worker_tokenizer, [], [], collections.Counter()
+    for split, starts_a_document, item in batch:
+        if isinstance(item, Conversation):
+            conversation_ids, mask = tok.render(item)
+            ids.append(np.array(conversation_ids))
+            masks.append(np.array(mask, dtype=np.uint8))
+            masks[-1][0] |= 2
+            continue
+        if starts_a_document and tok.eot is not None:  # BPE documents are separated, as GPT-2's
+            ids.append(np.array([tok.eot]))
+        ids.append(tok.encode_array(item))
+        if split == 'val':
+            stats['bytes'] += len(item.encode())
+            stats['tokens'] += len(ids[-1])
+            stats['gpt2 tokens'] += len(worker_gpt2.encode_ordinary(item)) if worker_gpt2 else 0
+    dtype = worker_tokenizer.meta['dtype']
+    return batch[0][0], np.concatenate(ids).astype(dtype), np.concatenate(masks) if masks else None, stats
 
 
 def ordered_map(pool, fn, items, window):
@@ -287,19 +417,69 @@ def ordered_map(pool, fn, items, window):
         yield pending.popleft().get()
 
 
+def choose_tokenizer(spec, files, chat, chars, documents, vocab_size):
+    """The meta of the dataset's tokenizer (see tokenizer.py): char, gpt2, bpe (trained here on the train
+    split's documents), data/OTHER (an already prepared dataset's), or hub:owner/name (a Hub model's)."""
+    if vocab_size is not None and spec != 'bpe':
+        die("--vocab_size is for a BPE trained here: add --tokenizer=bpe (other tokenizers bring their own)")
+    if spec == 'char':
+        meta = {'tokenizer': 'char', 'vocab_size': len(chars), 'chars': list(chars)}
+    elif spec == 'gpt2':
+        meta = dict(GPT2_META)
+    elif spec == 'bpe':
+        meta = train_tokenizer(documents(), vocab_size or 8192)
+    elif spec.startswith('hub:'):
+        meta = hub_tokenizer(spec[4:]) or die(
+            f"{spec[4:]} has no tokenizer.json: only a Hub model with one (or GPT-2's: --tokenizer=gpt2) can be used")
+    elif os.path.isdir(spec) or os.sep in spec or '/' in spec:
+        if not os.path.exists(os.path.join(spec, 'meta.json')):
+            die(f"--tokenizer={spec}: {spec} is not a prepared dataset (it has no meta.json): prepare it first")
+        meta = {k: v for k, v in load_meta(spec).items() if k not in ('chat_template', 'dtype')}
+        Tokenizer(meta, f"{spec}/meta.json")  # a damaged one stops here
+        if meta['tokenizer'] == 'char':
+            missing = ''.join(sorted(set(characters(files, chat)[0]) - set(meta['chars'])))
+            if missing:
+                die(f"the text has characters that {spec}'s vocabulary lacks: {missing!r}; remove them, or prepare "
+                    "with a vocabulary of its own (--tokenizer=char)")
+    else:
+        die(f"unknown tokenizer '{spec}': use char, gpt2, bpe, data/NAME (a prepared dataset's) or hub:owner/name")
+    meta = with_chat_tokens(meta) if chat else meta
+    return {**meta, 'dtype': token_dtype(meta['vocab_size'])}
+
+
+def train_tokenizer(items, vocab_size):
+    """A BPE trained on the train split's texts (items as by_document or by_position gives them)."""
+    check_vocab_size(vocab_size)
+    t0, n_chars = time.time(), 0
+
+    def train_texts():
+        nonlocal n_chars
+        for split, _, item in items:
+            if split == 'train':  # in pieces of ~16k characters: rustbpe holds 1024 at a time
+                for text in texts(item) if isinstance(item, Conversation) else pieces([item], 1 << 14):
+                    n_chars += len(text)
+                    yield text
+    meta = train_bpe(train_texts(), vocab_size)
+    seconds = time.time() - t0
+    print(f"trained a BPE of {meta['vocab_size']:,} tokens on {n_chars:,} characters of the train split in "
+          f"{seconds:.2f} s" + (f" (the text had pairs for no more than {meta['vocab_size']:,})"
+                                if meta['vocab_size'] < vocab_size else ""))
+    return meta
+
+
 def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='data', workers=None,
-            min_length=0, dedup=True):
-    """Make data/<name>/ (train.bin, val.bin, meta.json) from the input (see input_files); returns its path."""
+            min_length=0, dedup=True, vocab_size=None, format=None):
+    """Make data/<name>/ (train.bin, val.bin, meta.json; with conversations, the masks) from the input
+    (see input_files) and tokenizer (see choose_tokenizer); returns its path."""
     from tqdm import tqdm
-    tokenizer = tokenizer or DATASETS.get(name, (None, None, 'char' if name.endswith('_char') else 'gpt2'))[2]
-    if tokenizer not in ('char', 'gpt2'):
-        die(f"unknown tokenizer '{tokenizer}': use char or gpt2")
     if not 0.0 < val_fraction < 1.0:
         die(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if workers is None:  # one per core this process may use
         workers = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     if workers < 1:
         die(f"workers must be 1 or more, got {workers}")
+    if format not in (None, 'text', 'chat'):
+        die(f"unknown format '{format}': use text or chat (the default: told by the records)")
     data_dir = os.path.join(data_root, name)
     os.makedirs(data_dir, exist_ok=True)
     t0 = time.time()
@@ -307,31 +487,39 @@ def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='
     n_bytes = sum(os.path.getsize(p) for p in files)
     if n_bytes == 0:
         die(f"{input_path or files[0]} is empty: there is nothing to train on")
-    chars, n_chars = characters(files) if tokenizer == 'char' or single_text else (None, None)
-    if tokenizer == 'char':
-        meta = {'tokenizer': 'char', 'vocab_size': len(chars), 'chars': list(chars)}
-    else:
-        meta = {'tokenizer': 'gpt2', 'vocab_size': GPT2_VOCAB_SIZE}
-    meta['dtype'] = token_dtype(meta['vocab_size'])
+    chat = (format or detect_format(files)) == 'chat'
+    single_text = single_text and not chat
+    tokenizer = tokenizer or DATASETS.get(name, (None, None, 'char' if name.endswith('_char') else 'gpt2'))[2]
+    chars, n_chars = characters(files, chat) if tokenizer == 'char' or single_text else (None, None)
+
+    def documents(counts=None, progress=lambda n_bytes: None):
+        """by_position's or by_document's items: the same on every pass over the input."""
+        kept = kept_documents(read_documents(files, progress, chat), val_fraction, min_length,
+                              dedup and not single_text, collections.Counter() if counts is None else counts)
+        return by_position(kept, int(n_chars * (1 - val_fraction))) if single_text else by_document(kept)
+    meta = choose_tokenizer(tokenizer, files, chat, chars, documents, vocab_size)
+    t_tokenize = time.time()
 
     # read, choose and cut the documents here; workers tokenize; their tokens are appended to temporary files
     start_worker(meta)  # here first: a tokenizer that can't load stops us now, not each worker in a loop
-    counts, tokens = collections.Counter(), collections.Counter()
-    tmp = {split: os.path.join(data_dir, f'{split}.bin.tmp') for split in ('train', 'val')}
+    counts, tokens, stats = collections.Counter(), collections.Counter(), collections.Counter()
+    keys = ['train', 'val'] + (['train_mask', 'val_mask'] if chat else [])
+    tmp = {key: os.path.join(data_dir, f'{key}.bin.tmp') for key in keys}
     try:
         # worker processes, as reading, hashing and cutting the text here hold the GIL
-        with open(tmp['train'], 'wb') as train_file, open(tmp['val'], 'wb') as val_file, \
-                tqdm(total=n_bytes, unit='B', unit_scale=True, desc=f'tokenizing ({workers} workers)') as bar, \
-                (worker_pool(workers, meta) if workers > 1 else nullcontext()) as pool:
-            out = {'train': train_file, 'val': val_file}
-            documents = kept_documents(read_documents(files, bar.update), val_fraction, min_length,
-                                       dedup and not single_text, counts)
-            tasks = batches(by_position(documents, int(n_chars * (1 - val_fraction))) if single_text
-                            else by_document(documents, separate=tokenizer == 'gpt2'))
+        with ExitStack() as stack:
+            out = {key: stack.enter_context(open(path, 'wb')) for key, path in tmp.items()}
+            bar = stack.enter_context(tqdm(total=n_bytes, unit='B', unit_scale=True,
+                                           desc=f'tokenizing ({workers} workers)'))
+            pool = stack.enter_context(worker_pool(workers, meta)) if workers > 1 else None
+            tasks = batches(documents(counts, bar.update))
             results = ordered_map(pool, encode_batch, tasks, window=4 * workers) if pool else map(encode_batch, tasks)
-            for split, ids in results:
+            for split, ids, mask, batch_stats in results:
                 ids.tofile(out[split])
+                if mask is not None:
+                    mask.tofile(out[f'{split}_mask'])
                 tokens[split] += len(ids)
+                stats.update(batch_stats)
         for split in ('train', 'val'):
             if tokens[split] == 0:
                 die(f"no {split} text in {input_path or files[0]}: of {counts['documents']:,} documents, "
@@ -346,25 +534,35 @@ def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='
     replace_dataset(data_dir, tmp, meta)
 
     seconds = time.time() - t0
+    what = 'conversations' if chat else 'documents'
     if single_text:
         print(f"one text of {n_chars:,} characters, split by position")
     else:
-        print(f"documents: {counts['documents']:,} read, {counts['train'] + counts['val']:,} kept ({counts['val']:,} "
+        print(f"{what}: {counts['documents']:,} read, {counts['train'] + counts['val']:,} kept ({counts['val']:,} "
               f"for val); removed {counts['duplicates']:,} duplicates, {counts['too short']:,} empty or shorter than "
               "--min_length")
+    tokenizing = f"; tokenizing alone {n_bytes / 1e6 / (time.time() - t_tokenize):.1f} MB/s" if tokenizer == 'bpe' else ""
     print(f"train.bin: {tokens['train']:,} tokens; val.bin: {tokens['val']:,} tokens; "
-          f"{n_bytes / 1e6:,.1f} MB of input in {seconds:.1f} s ({n_bytes / 1e6 / seconds:.1f} MB/s)")
-    print(f"wrote {data_dir}: vocab_size {meta['vocab_size']:,} ({tokenizer}), tokens stored as {meta['dtype']}")
+          f"{n_bytes / 1e6:,.1f} MB of input in {seconds:.1f} s ({n_bytes / 1e6 / seconds:.1f} MB/s{tokenizing})")
+    if stats['tokens'] and meta['tokenizer'] != 'char':
+        print(f"val text: {stats['bytes'] / stats['tokens']:.3f} bytes per token" +
+              (f"; GPT-2's tokenizer: {stats['bytes'] / stats['gpt2 tokens']:.3f} on the same text "
+               f"({stats['gpt2 tokens'] / stats['tokens']:.2f}x as many tokens)" if stats['gpt2 tokens'] else ""))
+    print(f"wrote {data_dir}: vocab_size {meta['vocab_size']:,} ({meta['tokenizer']}), tokens stored as {meta['dtype']}"
+          + (", with the chat template and its training masks" if chat else ""))
     return data_dir
 
 
 def replace_dataset(data_dir, tmp_paths, meta):
-    """Move the new splits into place and write meta.json. Meanwhile a marker file makes load_meta refuse the
+    """Move the new files into place and write meta.json. Meanwhile a marker file makes load_meta refuse the
     directory: a kill at any moment leaves the old dataset or one that train.py won't take as complete."""
     marker = os.path.join(data_dir, INCOMPLETE)
     open(marker, 'w').close()
-    for split, tmp_path in tmp_paths.items():
-        os.replace(tmp_path, os.path.join(data_dir, f'{split}.bin'))
+    for key, tmp_path in tmp_paths.items():
+        os.replace(tmp_path, os.path.join(data_dir, f'{key}.bin'))
+    for stale in {'train_mask', 'val_mask'} - tmp_paths.keys():  # an earlier chat dataset's masks
+        if os.path.exists(os.path.join(data_dir, f'{stale}.bin')):
+            os.remove(os.path.join(data_dir, f'{stale}.bin'))
     with open(os.path.join(data_dir, 'meta.json.tmp'), 'w') as f:
         json.dump(meta, f)
     os.replace(os.path.join(data_dir, 'meta.json.tmp'), os.path.join(data_dir, 'meta.json'))
@@ -388,7 +586,7 @@ def prepare_fineweb(shards, data_root='data'):
             download(f'{endpoint}/datasets/{FINEWEB_REPO}/resolve/main/{filename}', path)  # unless it is here
             n_tokens[split] += len(shard_tokens(path))
     with open(os.path.join(data_dir, 'meta.json'), 'w') as f:  # the shards train.py reads: no more, no fewer
-        json.dump({'tokenizer': 'gpt2', 'vocab_size': GPT2_VOCAB_SIZE, 'dtype': 'uint16', 'shards': names}, f)
+        json.dump({**GPT2_META, 'shards': names}, f)
     os.remove(os.path.join(data_dir, INCOMPLETE))
     print(f"wrote {data_dir}: {shards} training shards ({n_tokens['train']:,} tokens), val {n_tokens['val']:,} tokens")
     return data_dir
@@ -399,7 +597,10 @@ if __name__ == '__main__':
     parser.add_argument('name', nargs='?', help='dataset name: the directory data/<name>')
     parser.add_argument('--name', dest='name_flag', help='the same, as a flag')
     parser.add_argument('--input', help='a file, a directory, a glob or an http(s) URL (default: data/<name>/input.txt)')
-    parser.add_argument('--tokenizer', choices=['char', 'gpt2'], help='default: char for *_char datasets, else gpt2')
+    parser.add_argument('--tokenizer', help='char, gpt2, bpe (trained here), data/NAME (a prepared dataset\'s) or '
+                        'hub:owner/name; default: char for *_char datasets, else gpt2')
+    parser.add_argument('--vocab_size', type=int, help='--tokenizer=bpe: tokens in all, special ones included (8192)')
+    parser.add_argument('--format', choices=['text', 'chat'], help='text or conversations (default: told by the records)')
     parser.add_argument('--val_fraction', type=float, default=0.1, help='the share of the text kept for validation')
     parser.add_argument('--workers', type=int, help='tokenizer processes (default: one per CPU core)')
     parser.add_argument('--min_length', type=int, default=0, help='drop documents shorter than this, in characters')
@@ -416,6 +617,6 @@ if __name__ == '__main__':
             prepare_fineweb(args.shards)
         else:
             prepare(name, args.input, args.tokenizer, args.val_fraction, workers=args.workers,
-                    min_length=args.min_length, dedup=args.dedup)
+                    min_length=args.min_length, dedup=args.dedup, vocab_size=args.vocab_size, format=args.format)
     except KeyboardInterrupt:
         die("interrupted: run the same command again to start over (a download resumes where it stopped)")

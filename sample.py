@@ -9,10 +9,15 @@ Sample from a trained model.
 With num_samples=1 the text is printed as it is generated; several samples are generated together,
 as one batch, and printed when done.
 
+    python sample.py --out_dir=out-sft --chat --system="You are brief."
+
+talks with a model fine-tuned on conversations, in the terminal: replies stream in; /clear starts over,
+/exit or Ctrl-D ends. When standard input is not a terminal, each line is a user message.
+
     python sample.py --out_dir=out-shakespeare-char --serve --port=8000
 
-serves the model over HTTP instead, as OpenAI's completions API (POST /v1/completions, GET /v1/models),
-on 127.0.0.1 unless --host says otherwise (serve.py).
+serves the model over HTTP instead, as OpenAI's API (POST /v1/completions, /v1/chat/completions for a chat
+model, and a chat page at /), on 127.0.0.1 unless --host says otherwise (serve.py).
 """
 
 import sys
@@ -22,8 +27,9 @@ import torch
 
 from common import die, load_config, pick_device, pick_dtype
 from model import load_model, merge_lora
-from dataset import GPT2_EOT, checkpoint_meta, get_tokenizer
-from serve import run_server
+from dataset import checkpoint_meta
+from serve import complete, run_server
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a checkpoint file or out_dir, or a Hub model: gpt2, owner/name
@@ -38,7 +44,9 @@ seed = 1337
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # the weights' dtype: 'auto' (bfloat16 where it is faster, else float32), ...
 compile = False  # torch.compile the model's forward pass (pays off for long generations)
-serve = False  # serve the model over HTTP (OpenAI completions API) instead of printing samples
+chat = False  # talk with the model (fine-tuned on conversations) in the terminal
+system = ''  # --chat: a system message that starts the conversation
+serve = False  # serve the model over HTTP (OpenAI's API and a chat page) instead of printing samples
 host = '127.0.0.1'  # the address to listen on: only this machine by default; 0.0.0.0 opens it to the network
 port = 8000  # 0: any free port (printed at start)
 max_tokens_cap = 1024  # the largest max_tokens a request may ask for (past block_size each token is slower)
@@ -48,17 +56,63 @@ DEFAULTS = {k: v for k, v in globals().items()
 
 
 def load_model_and_tokenizer(cfg, device):
-    """The model (LoRA adapters merged into its weights), and the tokenizer of the data it was trained on:
-    encode, decode, vocab_size (a padded model's may be larger) and eot, the id that ends a text (None: none)."""
+    """The model (LoRA adapters merged into its weights), and the tokenizer of the data it was trained on,
+    which the checkpoint carries (tokenizer.py; its vocab_size may be smaller than a padded model's)."""
     model, checkpoint = load_model(cfg.init_from, cfg.out_dir, device)
     merge_lora(model)  # generation then costs what the base model's does
-    meta = checkpoint_meta(checkpoint)
-    if meta['tokenizer'] == 'gpt2' and model.config.vocab_size < meta['vocab_size']:
-        die(f"the checkpoint has no tokenizer and its vocabulary ({model.config.vocab_size}) is too small for "
-            f"GPT-2's: prepare its dataset (python prepare.py ...) so that data/<dataset>/meta.json exists")
-    encode, decode = get_tokenizer(meta)
-    eot = GPT2_EOT if meta['tokenizer'] == 'gpt2' else None
-    return model, SimpleNamespace(encode=encode, decode=decode, vocab_size=meta['vocab_size'], eot=eot)
+    tokenizer = Tokenizer(checkpoint_meta(checkpoint), f"the tokenizer of {cfg.init_from}")
+    if model.config.vocab_size < tokenizer.vocab_size:
+        die(f"the model has {model.config.vocab_size} token ids, fewer than its tokenizer's {tokenizer.vocab_size}: "
+            "a checkpoint without a tokenizer of its own (nanoGPT's) needs its dataset's data/<dataset>/meta.json: "
+            "prepare that dataset (python prepare.py ...)")
+    return model, tokenizer
+
+
+def chat_loop(cfg, model, tokenizer, device):
+    """A conversation in the terminal, each reply streamed as it is generated. The history is kept; past the
+    context the oldest turns are dropped whole (the system message stays)."""
+    if not tokenizer.chat:
+        die("this model has no chat template: fine-tune it on conversations first (python prepare.py NAME "
+            "--input=chats.jsonl --tokenizer=data/<its dataset>, then python train.py --init_from=... "
+            "--dataset=NAME)")
+    interactive = sys.stdin.isatty()
+    system = [{'role': 'system', 'content': cfg.system}] if cfg.system else []
+    messages = list(system)
+    block_size = model.config.block_size
+    req = dict(n=1, max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+               stop=[], seed=None)
+    if interactive:
+        print("chat: type a message; /clear starts over, /exit or Ctrl-D ends")
+    while True:
+        try:
+            line = input('> ' if interactive else '')
+        except EOFError:
+            break
+        if line.strip() == '/exit':
+            break
+        if line.strip() == '/clear':
+            messages = list(system)
+            print("(a new conversation)")
+            continue
+        if not line.strip():
+            continue
+        messages.append({'role': 'user', 'content': line})
+        try:  # the reply gets at least half the context
+            ids, dropped = tokenizer.fit_prompt(messages, block_size - min(cfg.max_new_tokens, block_size // 2))
+        except (ValueError, SystemExit) as e:
+            print(f"error: {str(e).removeprefix('error: ')}", flush=True)
+            messages.pop()
+            continue
+        if dropped:
+            messages = system + messages[len(system) + dropped:]
+            print(f"(the {dropped} oldest messages no longer fit the context: dropped)", flush=True)
+        reply = ''
+        for _, text, finish_reason, _ in complete(model, tokenizer, device, ids, req,
+                                                  end_ids=set(tokenizer.special.values())):
+            print(text, end='', flush=True)
+            reply += text
+        print(flush=True)
+        messages.append({'role': 'assistant', 'content': reply})
 
 
 def main(argv):
@@ -80,6 +134,8 @@ def main(argv):
         model.forward = torch.compile(model.forward, dynamic=True)
     if cfg.serve:
         return run_server(cfg, model, tokenizer, device)
+    if cfg.chat:
+        return chat_loop(cfg, model, tokenizer, device)
 
     prompt = cfg.start
     if prompt.startswith('FILE:'):

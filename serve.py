@@ -1,21 +1,27 @@
 """
-Serve a model over HTTP as OpenAI's completions API, with the standard library only:
+Serve a model over HTTP as OpenAI's API, with the standard library only:
 
     python sample.py --out_dir=out-shakespeare-char --serve --port=8000
 
 POST /v1/completions takes prompt, max_tokens, temperature, top_p, n, stop, seed, stream (server-sent
-events, one per token) and top_k (ours); GET /v1/models lists the one model. Requests are handled in
-threads, but generation runs in the main thread, one request at a time, so outputs never mix and a
-seed gives the same text every time. The n completions of a request are one batch through the KV-cached generate_stream.
+events, one per token) and top_k (ours). POST /v1/chat/completions takes messages instead of a prompt (and
+max_completion_tokens, stream_options.include_usage), for a model fine-tuned on conversations: the
+messages are rendered with its chat template (tokenizer.py), ending with an open assistant turn, and the
+reply ends at the assistant's end token. GET / is a chat page (chat.html), GET /v1/models lists the one
+model and GET /health says it is up; both say whether it chats. Requests are handled in threads, but
+generation runs in the main thread, one request at a time, so outputs never mix and a seed gives the same
+text every time. The n completions of a request are one batch through the KV-cached generate_stream.
 
-A sample also stops, with finish_reason 'stop', at the tokenizer's end of text (GPT-2's <|endoftext|>).
-Choices where OpenAI's API leaves room: an empty prompt is a 400 (sample.py refuses one too); a prompt
-longer than block_size is not refused: the model sees its last block_size tokens, as in sample.py, and
-usage counts all of them; text that might be the start of a stop sequence is held back from a stream
-until it is known not to be one.
+A completion also stops, with finish_reason 'stop', at the tokenizer's end of text (GPT-2's
+<|endoftext|>). Choices where OpenAI's API leaves room: an empty prompt is a 400 (sample.py refuses one
+too); a prompt longer than block_size is not refused: the model sees its last block_size tokens, as in
+sample.py, and usage counts all of them; text that might be the start of a stop sequence is held back from
+a stream until it is known not to be one. A chat longer than the context loses its oldest turns (header
+X-Dropped-Messages); a reply's max_tokens defaults to max_tokens_cap: it normally ends by itself.
 """
 
 import json
+import os
 import queue
 import time
 import traceback
@@ -28,6 +34,9 @@ from urllib.parse import urlsplit
 import torch
 
 from common import die
+from tokenizer import ROLES
+
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'chat.html')  # the chat page, GET /
 
 MAX_N = 16  # completions per request: n samples are one batch, so memory and time grow with n
 MAX_STOPS = 4  # stop sequences per request, as OpenAI
@@ -40,12 +49,9 @@ class BadRequest(Exception):
         self.param = param
 
 
-def parse_request(body, encode, vocab_size, max_tokens_cap):
-    """Check a completions request (parsed JSON) -> (prompt token ids, dict of settings) or raise BadRequest.
-
-    Defaults are OpenAI's; top_k is ours (0: off). Unknown fields are ignored, and null means the default,
-    as OpenAI's clients send it for unset fields.
-    """
+def parse_settings(body, max_tokens_cap, default_max_tokens):
+    """The sampling settings of a request (parsed JSON) or BadRequest. Defaults are OpenAI's; top_k is ours
+    (0: off). Unknown fields are ignored, and null means the default, as OpenAI's clients send it for unset fields."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
 
@@ -58,9 +64,11 @@ def parse_request(body, encode, vocab_size, max_tokens_cap):
         return value
 
     number = (int, float)
+    max_tokens = field('max_tokens', int, default_max_tokens, lambda v: 1 <= v <= max_tokens_cap,
+                       f"an integer in 1..{max_tokens_cap}")
     req = dict(
-        max_tokens=field('max_tokens', int, 16, lambda v: 1 <= v <= max_tokens_cap,
-                         f"an integer in 1..{max_tokens_cap}"),
+        max_tokens=field('max_completion_tokens', int, max_tokens, lambda v: 1 <= v <= max_tokens_cap,
+                         f"an integer in 1..{max_tokens_cap}"),  # the chat API's newer name for it
         temperature=field('temperature', number, 1.0, lambda v: 0 <= v < float('inf'), "a number >= 0"),
         top_p=field('top_p', number, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]"),
         top_k=field('top_k', int, 0, lambda v: v >= 0, "an integer >= 0 (0: off)"),
@@ -68,10 +76,18 @@ def parse_request(body, encode, vocab_size, max_tokens_cap):
         seed=field('seed', int, None, lambda v: -2**63 <= v < 2**64, "a 64-bit integer"),
         stream=field('stream', bool, False, lambda v: True, "true or false"),
     )
+    options = field('stream_options', dict, {}, lambda v: isinstance(v.get('include_usage', False), bool),
+                    'an object like {"include_usage": true}')
+    req['include_usage'] = bool(options.get('include_usage'))
     stop = field('stop', (str, list), [], lambda v: isinstance(v, str) or (
         len(v) <= MAX_STOPS and all(isinstance(s, str) for s in v)), f"a string or a list of up to {MAX_STOPS} strings")
     req['stop'] = [s for s in ([stop] if isinstance(stop, str) else stop) if s]  # an empty string stops nothing
+    return req
 
+
+def parse_request(body, encode, vocab_size, max_tokens_cap):
+    """Check a completions request (parsed JSON) -> (prompt token ids, dict of settings) or raise BadRequest."""
+    req = parse_settings(body, max_tokens_cap, default_max_tokens=16)
     prompt = body.get('prompt')
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one prompt
@@ -89,6 +105,36 @@ def parse_request(body, encode, vocab_size, max_tokens_cap):
     return ids, req
 
 
+def parse_chat_request(body, tokenizer, block_size, max_tokens_cap):
+    """Check a chat completions request -> (prompt token ids, settings, how many old messages were dropped to
+    fit the context) or raise BadRequest. The context keeps room for min(max_tokens, block_size / 2) tokens
+    of reply."""
+    if not tokenizer.chat:
+        raise BadRequest("this model has no chat template: fine-tune it on conversations first (prepare.py with "
+                         "--format=chat data, then train.py), or use /v1/completions", 'messages')
+    req = parse_settings(body, max_tokens_cap, default_max_tokens=max_tokens_cap)
+    messages = body.get('messages')
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of {role, content} objects", 'messages')
+    plain = []
+    for i, message in enumerate(messages):
+        content = message.get('content') if isinstance(message, dict) else None
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get('type') == 'text' and
+                                             isinstance(p.get('text'), str) for p in content):
+            content = ''.join(p['text'] for p in content)  # a list of text parts
+        if not isinstance(message, dict) or message.get('role') not in ROLES or not isinstance(content, str):
+            raise BadRequest(f"messages[{i}] must have a role (system, user or assistant) and a content string "
+                             "(or a list of text parts)", 'messages')
+        plain.append({'role': message['role'], 'content': content})
+    try:
+        ids, dropped = tokenizer.fit_prompt(plain, block_size - min(req['max_tokens'], block_size // 2))
+    except SystemExit as e:  # the tokenizer's one-line error: a character outside a char vocabulary
+        raise BadRequest(str(e).removeprefix('error: '), 'messages')
+    except ValueError as e:
+        raise BadRequest(str(e), 'messages')
+    return ids, req, dropped
+
+
 def held_back(text, stops):
     """Length of the longest end of text that could be the start of a stop sequence: not sent yet."""
     for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
@@ -97,12 +143,14 @@ def held_back(text, stops):
     return 0
 
 
-def complete(model, tokenizer, device, ids, req):
+def complete(model, tokenizer, device, ids, req, end_ids=None):
     """Generate the request's n completions as one batch; yield (index, new text, finish_reason, tokens).
 
     finish_reason is None until a sample ends ('stop' or 'length'), tokens is how many it has generated.
+    A sample also stops at a token of end_ids (default: the end of text), which is not part of its text.
     Only one runs at a time (generation_loop): seeding the global RNG here makes the seed alone decide the text.
     """
+    end_ids = {tokenizer.eot} if end_ids is None else end_ids
     n, stops = req['n'], req['stop']
     # the model sees the last block_size tokens anyway (as sample.py); dropping the rest here saves memory
     x = torch.tensor(ids[-model.config.block_size:], dtype=torch.long, device=device)[None, :].repeat(n, 1)
@@ -116,7 +164,7 @@ def complete(model, tokenizer, device, ids, req):
         for i, token in enumerate(tokens[:, 0].tolist()):
             if done[i]:
                 continue  # a stopped sample rides along in the batch until all have stopped
-            if token == tokenizer.eot:  # the model ended its text (GPT-2's <|endoftext|>): a stop, as in OpenAI's API
+            if token in end_ids:  # the model ended its text (GPT-2's <|endoftext|>): a stop, as in OpenAI's API
                 done[i] = True
                 yield i, tokenizer.decode(new_ids[i])[sent[i]:], 'stop', len(new_ids[i]) + 1
                 continue
@@ -146,11 +194,13 @@ class CompletionServer(ThreadingHTTPServer):
 class CompletionHandler(BaseHTTPRequestHandler):
     timeout = 60  # seconds a client may stall a read or a write before it is dropped
 
-    def send_json(self, status, obj):
+    def send_json(self, status, obj, headers=None):
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header('Content-Type', 'application/json')
         self.send_header('Content-Length', str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -158,17 +208,33 @@ class CompletionHandler(BaseHTTPRequestHandler):
         self.send_json(status, {'error': {'message': message, 'type': type, 'param': param, 'code': None}})
 
     def do_GET(self):
-        app = self.server.app
-        if urlsplit(self.path).path.rstrip('/') == '/v1/models':
-            model = {'id': app.name, 'object': 'model', 'created': app.created, 'owned_by': 'gptforge'}
+        app, path = self.server.app, urlsplit(self.path).path
+        if path in ('/', '/index.html'):  # the chat page, the one file served: no path reaches another
+            with open(PAGE, 'rb') as f:
+                page = f.read()
+            self.send_response(200)
+            self.send_header('Content-Type', 'text/html; charset=utf-8')
+            self.send_header('Content-Length', str(len(page)))
+            # the page loads nothing and talks to this server only, whatever a reply holds
+            self.send_header('Content-Security-Policy', "default-src 'none'; script-src 'unsafe-inline'; "
+                             "style-src 'unsafe-inline'; connect-src 'self'; img-src data:")
+            self.end_headers()
+            self.wfile.write(page)
+        elif path.rstrip('/') == '/v1/models':
+            model = {'id': app.name, 'object': 'model', 'created': app.created, 'owned_by': 'gptforge',
+                     'chat': app.tokenizer.chat}
             self.send_json(200, {'object': 'list', 'data': [model]})
+        elif path == '/health':
+            self.send_json(200, {'status': 'ok', 'model': app.name, 'chat': app.tokenizer.chat})
         else:
-            self.send_error_json(404, f"no such path: GET {self.path} (try /v1/models)", 'not_found_error')
+            self.send_error_json(404, f"no such path: GET {self.path} (try /, /v1/models or /health)", 'not_found_error')
 
     def do_POST(self):
-        app = self.server.app
-        if urlsplit(self.path).path.rstrip('/') != '/v1/completions':
-            return self.send_error_json(404, f"no such path: POST {self.path} (try /v1/completions)", 'not_found_error')
+        app, path = self.server.app, urlsplit(self.path).path.rstrip('/')
+        if path not in ('/v1/completions', '/v1/chat/completions'):
+            return self.send_error_json(404, f"no such path: POST {self.path} (try /v1/completions or "
+                                        "/v1/chat/completions)", 'not_found_error')
+        chat, dropped = path == '/v1/chat/completions', 0
         try:
             length = self.headers.get('Content-Length', '')
             if not length.isdigit() or int(length) > MAX_BODY:
@@ -177,44 +243,74 @@ class CompletionHandler(BaseHTTPRequestHandler):
                 body = json.loads(self.rfile.read(int(length)))
             except ValueError as e:
                 raise BadRequest(f"the body is not valid JSON: {e}")
-            ids, req = parse_request(body, app.tokenizer.encode, app.tokenizer.vocab_size, app.max_tokens_cap)
+            if chat:
+                ids, req, dropped = parse_chat_request(body, app.tokenizer, app.model.config.block_size,
+                                                       app.max_tokens_cap)
+            else:
+                ids, req = parse_request(body, app.tokenizer.encode, app.tokenizer.vocab_size, app.max_tokens_cap)
         except BadRequest as e:
             return self.send_error_json(400, str(e), param=e.param)
 
-        head = {'id': f'cmpl-{uuid.uuid4().hex}', 'object': 'text_completion', 'created': int(time.time()),
-                'model': app.name}
-        job = SimpleNamespace(ids=ids, req=req, events=queue.Queue(), cancelled=False, error=None)
+        # a reply ends at a special token (the assistant's end, normally): it can't hold another turn
+        end_ids = set(app.tokenizer.special.values()) if chat else None
+        job = SimpleNamespace(ids=ids, req=req, end_ids=end_ids, events=queue.Queue(), cancelled=False, error=None)
         app.jobs.put(job)  # generated by the main thread (generation_loop), which passes the events back
+        head = {'id': f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                'object': 'chat.completion' if chat else 'text_completion', 'created': int(time.time()),
+                'model': app.name}
+        headers = {'X-Dropped-Messages': str(dropped)} if dropped else {}
         try:
-            if req['stream']:
-                self.send_response(200)
-                self.send_header('Content-Type', 'text/event-stream')
-                self.send_header('Cache-Control', 'no-cache')
-                self.end_headers()
-                for i, text, finish_reason, _ in iter(job.events.get, None):
-                    if text or finish_reason:
-                        choice = {'text': text, 'index': i, 'logprobs': None, 'finish_reason': finish_reason}
-                        self.wfile.write(f"data: {json.dumps({**head, 'choices': [choice]})}\n\n".encode())
-                if job.error:
-                    error = {'error': {'message': job.error, 'type': 'server_error'}}
-                    self.wfile.write(f"data: {json.dumps(error)}\n\n".encode())
-                else:
-                    self.wfile.write(b'data: [DONE]\n\n')
-            else:
-                texts, finish, tokens = [''] * req['n'], [None] * req['n'], [0] * req['n']
-                for i, text, finish_reason, n_tokens in iter(job.events.get, None):
-                    texts[i], finish[i], tokens[i] = texts[i] + text, finish_reason, n_tokens
-                if job.error:
-                    return self.send_error_json(500, job.error, 'server_error')
-                choices = [{'text': t, 'index': i, 'logprobs': None, 'finish_reason': f}
-                           for i, (t, f) in enumerate(zip(texts, finish))]
-                usage = {'prompt_tokens': len(ids), 'completion_tokens': sum(tokens),
-                         'total_tokens': len(ids) + sum(tokens)}
-                self.send_json(200, {**head, 'choices': choices, 'usage': usage})
+            (self.stream if req['stream'] else self.answer)(job, head, chat, headers)
         except (ConnectionError, TimeoutError):
             job.cancelled = True  # the client is gone: its generation stops at the next token
             self.close_connection = True
             self.log_message('"%s" client went away mid-response', self.requestline)
+
+    def answer(self, job, head, chat, headers):
+        n = job.req['n']
+        texts, finish, tokens = [''] * n, [None] * n, [0] * n
+        for i, text, finish_reason, n_tokens in iter(job.events.get, None):
+            texts[i], finish[i], tokens[i] = texts[i] + text, finish_reason, n_tokens
+        if job.error:
+            return self.send_error_json(500, job.error, 'server_error')
+        choices = [{'index': i, **({'message': {'role': 'assistant', 'content': t}} if chat else {'text': t}),
+                    'logprobs': None, 'finish_reason': f} for i, (t, f) in enumerate(zip(texts, finish))]
+        self.send_json(200, {**head, 'choices': choices, 'usage': usage(job, tokens)}, headers)
+
+    def stream(self, job, head, chat, headers):
+        """Server-sent events: a completion's text as it comes; a chat's as OpenAI's chunks (the role first,
+        then content, then the finish_reason), then the usage if asked for, then [DONE]."""
+        self.send_response(200)
+        self.send_header('Content-Type', 'text/event-stream')
+        self.send_header('Cache-Control', 'no-cache')
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        head = {**head, 'object': 'chat.completion.chunk'} if chat else head
+
+        def send(choice, **extra):
+            self.wfile.write(f"data: {json.dumps({**head, 'choices': [choice] if choice else [], **extra})}\n\n".encode())
+        n, tokens = job.req['n'], [0] * job.req['n']
+        for i in range(n if chat else 0):
+            send({'index': i, 'delta': {'role': 'assistant', 'content': ''}, 'logprobs': None, 'finish_reason': None})
+        for i, text, finish_reason, n_tokens in iter(job.events.get, None):
+            tokens[i] = n_tokens
+            if chat and text:
+                send({'index': i, 'delta': {'content': text}, 'logprobs': None, 'finish_reason': None})
+            if chat and finish_reason:
+                send({'index': i, 'delta': {}, 'logprobs': None, 'finish_reason': finish_reason})
+            if not chat and (text or finish_reason):
+                send({'text': text, 'index': i, 'logprobs': None, 'finish_reason': finish_reason})
+        if job.error:
+            self.wfile.write(f"data: {json.dumps({'error': {'message': job.error, 'type': 'server_error'}})}\n\n".encode())
+            return
+        if job.req['include_usage']:
+            send(None, usage=usage(job, tokens))
+        self.wfile.write(b'data: [DONE]\n\n')
+
+
+def usage(job, tokens):
+    return {'prompt_tokens': len(job.ids), 'completion_tokens': sum(tokens), 'total_tokens': len(job.ids) + sum(tokens)}
 
 
 def generation_loop(app):
@@ -227,7 +323,7 @@ def generation_loop(app):
     while True:
         job = app.jobs.get()
         try:
-            for event in complete(app.model, app.tokenizer, app.device, job.ids, job.req):
+            for event in complete(app.model, app.tokenizer, app.device, job.ids, job.req, job.end_ids):
                 if job.cancelled:
                     break
                 job.events.put(event)
@@ -247,8 +343,9 @@ def run_server(cfg, model, tokenizer, device):
     server.app = SimpleNamespace(model=model, tokenizer=tokenizer, device=device, jobs=queue.Queue(), name=name,
                                  created=int(time.time()), max_tokens_cap=cfg.max_tokens_cap)
     host, port = server.server_address[:2]
-    print(f"serving {name} on http://{host}:{port}/v1 (POST /v1/completions, GET /v1/models); Ctrl-C stops",
-          flush=True)
+    print(f"serving {name} on http://{host}:{port}/v1 (POST /v1/completions"
+          + (", POST /v1/chat/completions, a chat page at GET /" if tokenizer.chat else "")
+          + ", GET /v1/models); Ctrl-C stops", flush=True)
     if host not in ('127.0.0.1', 'localhost'):
         print(f"warning: listening on {host}, without authentication: anyone who can reach it can use the model",
               flush=True)

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from common import autocast_context, die, load_config, measure_peak_flops, pick_device, pick_dtype
-from model import LORA_TARGETS, GPT, GPTConfig, add_lora, load_model, lora_state_dict, merge_lora
-from dataset import DATASETS, load_meta, open_split
+from model import LORA_TARGETS, GPT, GPTConfig, add_lora, load_model, lora_state_dict, merge_lora, padded_vocab_size
+from dataset import DATASETS, Conversations, load_meta, open_split
+from tokenizer import compatible
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on the BPE shakespeare text
@@ -49,8 +50,9 @@ wandb_run_name = 'gpt2'
 # data
 dataset = 'shakespeare'  # data/<dataset>/, made by python prepare.py <dataset>
 gradient_accumulation_steps = 5 * 8  # micro-batches per optimizer step, over all processes
-batch_size = 12  # sequences per micro-batch
+batch_size = 12  # sequences per micro-batch (chat datasets: as many conversations as make batch_size * block_size tokens)
 block_size = 1024
+mask_prompt = True  # chat datasets: the loss counts the assistant's tokens only (False: every token, to compare)
 # model
 n_layer = 12
 n_head = 12
@@ -99,16 +101,23 @@ DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
 
 
-def get_batch(data, batch_size, block_size, rng, device):
-    """batch_size random windows of the token stream: inputs x and next-token targets y, (B, T) each."""
-    starts = rng.integers(0, len(data) - block_size, size=batch_size)
-    windows = data[starts[:, None] + np.arange(block_size + 1)]  # (B, T+1), one read of the memmap
-    xy = torch.from_numpy(windows.astype(np.int64))
+def get_batch(data, batch_size, block_size, rng, device, mask_prompt=True):
+    """Inputs x and next-token targets y, (B, T) each, and how many real (not padding) tokens x has: of a token
+    stream, batch_size random windows; of a chat dataset's Conversations, whole conversations (y is -1 where
+    nothing is trained)."""
+    if isinstance(data, Conversations):
+        x, y, n_tokens = data.sample(batch_size, block_size, rng, mask_prompt)
+        xy = torch.from_numpy(np.stack([x, y]))  # (2, B, T)
+    else:
+        starts = rng.integers(0, len(data) - block_size, size=batch_size)
+        windows = data[starts[:, None] + np.arange(block_size + 1)]  # (B, T+1), one read of the memmap
+        windows = torch.from_numpy(windows.astype(np.int64))
+        xy, n_tokens = torch.stack([windows[:, :-1], windows[:, 1:]]), batch_size * block_size
     if str(device).startswith('cuda'):  # pinned memory lets the copy overlap with the GPU's work
         xy = xy.pin_memory().to(device, non_blocking=True)
     else:
         xy = xy.to(device)
-    return xy[:, :-1], xy[:, 1:]
+    return xy[0], xy[1], n_tokens
 
 
 def batch_rng(seed, *step):
@@ -149,13 +158,31 @@ def estimate_loss(model, splits, cfg, device, ctx):
     for split_id, (split, data) in enumerate(splits.items()):
         losses = torch.zeros(cfg.eval_iters)
         for k in range(cfg.eval_iters):
-            x, y = get_batch(data, cfg.batch_size, cfg.block_size, batch_rng(cfg.seed, 1, split_id, k), device)
+            x, y, _ = get_batch(data, cfg.batch_size, cfg.block_size, batch_rng(cfg.seed, 1, split_id, k), device,
+                                cfg.mask_prompt)
             with ctx:
                 _, loss = model(x, y)
             losses[k] = loss.item()
         out[split] = losses.mean().item()
     model.train()
     return out
+
+
+def optimizer_step(model, optimizers, scaler, grad_clip, skip_nonfinite=False):
+    """After the micro-steps' backward passes: unscale and clip the gradients, step every optimizer (unless the
+    gradients are not finite and skip_nonfinite), zero the gradients. -> whether the step was taken."""
+    if grad_clip != 0.0 or skip_nonfinite:
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
+    taken = not (skip_nonfinite and not torch.isfinite(grad_norm))  # a host sync, only with skip_nonfinite
+    if taken:
+        for optimizer in optimizers:
+            scaler.step(optimizer)
+    scaler.update()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    return taken
 
 
 def save_checkpoint(checkpoint, path):
@@ -227,15 +254,22 @@ def check_config(cfg):
 
 
 def open_dataset(cfg):
-    """The dataset's meta and its train/val token streams, memory-mapped."""
+    """The dataset's meta and its train/val splits: token streams, memory-mapped, or Conversations."""
     data_dir = os.path.join('data', cfg.dataset)
     meta = load_meta(data_dir)
-    splits = {split: open_split(data_dir, split, meta['dtype']) for split in ('train', 'val')}
+    splits = {split: open_split(data_dir, split, meta['dtype'], cfg.block_size) for split in ('train', 'val')}
     for split, data in splits.items():
         if data is None:
             how = f"python prepare.py {cfg.dataset}" + ("" if cfg.dataset in DATASETS else " --input=PATH")
             die(f"dataset '{cfg.dataset}' is not prepared ({data_dir}/{split}.bin is missing): run {how}")
-        if len(data) <= cfg.block_size:
+        if isinstance(data, Conversations):
+            if len(data) == 0:
+                die(f"no conversation of the {split} split of {data_dir} has an assistant token within block_size "
+                    f"{cfg.block_size}: raise block_size")
+            if data.skipped:
+                print(f"{data.skipped:,} conversations of the {split} split have no assistant token within block_size "
+                      f"{cfg.block_size}: left out")
+        elif len(data) <= cfg.block_size:
             die(f"the {split} split of {data_dir} has {len(data)} tokens, too few for block_size {cfg.block_size}: "
                 f"use --block_size={max(1, len(data) // 2)} or more text")
     return meta, splits
@@ -277,7 +311,7 @@ def main(argv):
         dtype = answer[0]
     ctx = autocast_context(device_type, dtype)
     use_compile = cfg.compile if cfg.compile is not None else device_type == 'cuda'
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # chat: about as many
     if master:
         print(f"torch {torch.__version__}, device {device}, dtype {dtype}, compile {use_compile}, "
               f"{world_size} process(es), {torch.get_num_threads()} threads each")
@@ -291,9 +325,7 @@ def main(argv):
     resume = cfg.init_from == 'resume'
     if cfg.init_from == 'scratch':
         # GPT-2's 50257 tokens padded to 50304, a multiple of 64, makes the head's matmul faster
-        vocab_size = meta['vocab_size']
-        padded = math.ceil(vocab_size / 64) * 64
-        model = GPT(model_config(cfg, padded if padded - vocab_size < 0.01 * vocab_size else vocab_size))
+        model = GPT(model_config(cfg, padded_vocab_size(meta['vocab_size'])))
     else:
         model, checkpoint = load_model(cfg.init_from, cfg.out_dir, device, cfg.dropout, cfg.lora_dropout)
         # where the weights first came from (a LoRA checkpoint's base), kept across resumes; a path made
@@ -313,11 +345,19 @@ def main(argv):
                     f"use --block_size={model.config.block_size} or less")
             model.crop_block_size(cfg.block_size)
         model_meta = checkpoint.get('meta', meta)  # nanoGPT's checkpoints don't say: the vocabulary size must do
-        if model.config.vocab_size < meta['vocab_size'] or model_meta != meta:
+        # fine-tuning data may bring special tokens the model lacks (a chat template's): it grows rows for them
+        grows = 'meta' in checkpoint and not resume and model.config.vocab_size < meta['vocab_size']
+        if not compatible(model_meta, meta) or (model.config.vocab_size < meta['vocab_size'] and not grows):
             die(f"the vocabulary of {'the checkpoint' if resume else cfg.init_from} ({model.config.vocab_size} tokens) "
                 f"is not the one of dataset '{cfg.dataset}' ({meta['vocab_size']} tokens): "
                 + ("resume on the dataset it was trained on" if resume else "prepare a dataset with the model's "
-                   f"tokenizer: python prepare.py NAME --input=FILE --tokenizer={model_meta['tokenizer']}"))
+                   "tokenizer: python prepare.py NAME --input=FILE --tokenizer=" +
+                   (model_meta.get('source') or 'data/<its dataset>' if model_meta['tokenizer'] == 'bpe'
+                    else model_meta['tokenizer'])))
+        if grows:
+            model.grow_vocab(padded_vocab_size(meta['vocab_size']))
+            if master:
+                print(f"vocabulary grown to {model.config.vocab_size:,} rows for the dataset's special tokens")
         if resume:
             iter_num, best_val_loss = checkpoint['iter_num'], float(checkpoint['best_val_loss'])
             check_resume(cfg, checkpoint, master)
@@ -392,12 +432,13 @@ def main(argv):
     def next_batch(iter_num, micro_step):  # this process's share of step iter_num's global batch
         micro_index = rank * accum_steps + micro_step
         return get_batch(splits['train'], cfg.batch_size, cfg.block_size,
-                         batch_rng(cfg.seed, 0, iter_num, micro_index), device)
+                         batch_rng(cfg.seed, 0, iter_num, micro_index), device, cfg.mask_prompt)
 
-    x, y = next_batch(iter_num, 0)
+    x, y, n_tokens = next_batch(iter_num, 0)
     t0 = time.time()
     running_mfu = -1.0
     loss_sum = torch.zeros((), device=device)
+    tokens_seen = 0  # by this process since the last log line: real tokens, without a chat batch's padding
     while True:
         lr = get_lr(iter_num, cfg) if cfg.decay_lr else cfg.learning_rate
         for optimizer, opt_lr in zip(optimizers, (lr, lr * cfg.muon_lr / cfg.learning_rate)):
@@ -437,23 +478,16 @@ def main(argv):
             with ctx:
                 _, loss = model(x, y)
                 loss = loss / accum_steps  # the gradients add up over micro-steps: make them a mean
+            tokens_seen += n_tokens
             # fetch the next batch while the device works on this one
-            x, y = next_batch(*((iter_num, micro_step + 1) if micro_step + 1 < accum_steps else (iter_num + 1, 0)))
+            x, y, n_tokens = next_batch(*((iter_num, micro_step + 1) if micro_step + 1 < accum_steps
+                                          else (iter_num + 1, 0)))
             scaler.scale(loss).backward()
             step_loss += loss.detach()
-        if cfg.grad_clip != 0.0 or cfg.skip_nonfinite:
-            for optimizer in optimizers:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
-        if cfg.skip_nonfinite and not torch.isfinite(grad_norm):  # a host sync, only with this option
-            print(f"iter {iter_num}: gradients are not finite, step skipped")
-        else:
-            for optimizer in optimizers:
-                scaler.step(optimizer)
+        if optimizer_step(model, optimizers, scaler, cfg.grad_clip, cfg.skip_nonfinite):
             loss_sum += step_loss
-        scaler.update()
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
+        else:
+            print(f"iter {iter_num}: gradients are not finite, step skipped")
         iter_num += 1
 
         stop = bool(stop_requests)
@@ -481,14 +515,16 @@ def main(argv):
             if not math.isfinite(loss):
                 die(f"loss is {loss} at iteration {iter_num}: lower learning_rate or raise warmup_iters; "
                     f"the last good checkpoint in {cfg.out_dir} is kept")
+            tokens_per_step = tokens_seen * world_size / cfg.log_interval  # the other processes' as many as ours
             if iter_num >= 5 * cfg.log_interval:  # the first steps include warm-up and compilation
-                mfu = raw_model.estimate_mfu(cfg.batch_size * accum_steps * world_size, dt, peak_flops * world_size,
+                mfu = raw_model.estimate_mfu(tokens_per_step / cfg.block_size, dt, peak_flops * world_size,
                                              cfg.block_size)
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             print(f"iter {iter_num}: loss {loss:.4f}, time {dt * 1000:.2f}ms, "
-                  f"tok/s {tokens_per_iter / dt:,.0f}, mfu {max(running_mfu, 0) * 100:.2f}%")
+                  f"tok/s {tokens_per_step / dt:,.0f}, mfu {max(running_mfu, 0) * 100:.2f}%")
         if iter_num % cfg.log_interval == 0:
             loss_sum.zero_()
+            tokens_seen = 0
 
     if ddp:  # leave together: a rank that tears down while rank 0 still evaluates and saves can abort
         torch.distributed.barrier()

@@ -10,7 +10,8 @@ import torch
 from conftest import gpt2_bpe_available, run
 from eval import evaluate, main as eval_main
 from model import GPT
-from dataset import get_tokenizer, load_meta
+from dataset import GPT2_META, load_meta
+from tokenizer import Tokenizer
 from test_model import tiny_config
 from test_pretrained import hub, publish, tiny_gpt2  # noqa: F401 (fixture)
 from test_train import prepared  # noqa: F401 (fixture)
@@ -74,7 +75,8 @@ def test_bits_per_byte_of_a_text_file_with_a_hub_model(hub, tmp_path, monkeypatc
     (tmp_path / 'text.txt').write_text(text, encoding='utf-8')
     monkeypatch.chdir(tmp_path)
     results = eval_main(['--init_from=tiny-gpt2', '--input=text.txt', '--device=cpu'])
-    encode, decode = get_tokenizer({'tokenizer': 'gpt2'})
+    tok = Tokenizer(GPT2_META)
+    encode, decode = tok.encode, tok.decode
     ids = encode(text)
     scored_bytes = len(text.encode('utf-8')) - len(decode(ids[:1]).encode('utf-8'))  # all but the first token's
     nats = direct_nats(source, ids, 32)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import gpt2_bpe_available, run
 from model import LORA_TARGETS, GPT, LoRALinear, add_lora, load_model, merge_lora
-from dataset import get_tokenizer
+from tokenizer import Tokenizer
 from test_model import tiny_config
 from test_pretrained import hub, publish, tiny_gpt2  # noqa: F401 (fixture)
 from test_train import TINY, prepared  # noqa: F401 (fixture)
@@ -129,7 +129,8 @@ def test_lora_fine_tuning_of_a_hub_model(hub, tmp_path, small_text, monkeypatch)
     monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')
     out = run('sample.py', '--out_dir=lora', '--num_samples=1', '--max_new_tokens=12', '--start=ROMEO:',
               '--temperature=0', '--dtype=float32', cwd=tmp_path).stdout
-    encode, decode = get_tokenizer(checkpoint['meta'])
+    tok = Tokenizer(checkpoint['meta'])
+    encode, decode = tok.encode, tok.decode
     merged = merge_lora(model).eval()
     greedy = merged.generate(torch.tensor([encode('ROMEO:')]), 12, temperature=0)[0, len(encode('ROMEO:')):]
     assert out == 'ROMEO:' + decode(greedy.tolist()) + '\n'

@@ -12,7 +12,8 @@ import pytest
 import dataset
 import prepare as prepare_module
 from conftest import ROOT, gpt2_bpe_available, run
-from dataset import GPT2_EOT, TokenShards, download, get_tokenizer, load_meta, open_split, token_dtype
+from dataset import GPT2_EOT, TokenShards, download, load_meta, open_split, token_dtype
+from tokenizer import Tokenizer
 from prepare import prepare
 
 needs_bpe = pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
@@ -32,7 +33,7 @@ def test_char_dataset_round_trips(tmp_path, small_text):
     train, _ = read_split(tmp_path / 'data' / 'tiny_char', 'train')
     val, _ = read_split(tmp_path / 'data' / 'tiny_char', 'val')
     assert len(train) == int(len(small_text) * 0.9)  # the first 90% of the text
-    _, decode = get_tokenizer(meta)
+    decode = Tokenizer(meta).decode
     assert decode(train.tolist()) + decode(val.tolist()) == small_text
 
 
@@ -43,7 +44,8 @@ def test_gpt2_dataset_round_trips(tmp_path, small_text):
     train, meta = read_split(tmp_path / 'data' / 'tiny', 'train')
     val, _ = read_split(tmp_path / 'data' / 'tiny', 'val')
     assert meta == {'tokenizer': 'gpt2', 'vocab_size': 50257, 'dtype': 'uint16'}
-    encode, decode = get_tokenizer(meta)
+    tok = Tokenizer(meta)
+    encode, decode = tok.encode, tok.decode
     assert decode(train.tolist()) + decode(val.tolist()) == small_text
     assert encode('Hello world') == [15496, 995]  # GPT-2's own ids
 
@@ -60,7 +62,7 @@ def test_large_char_vocabulary_is_stored_as_uint32(tmp_path):
     prepare('big_char', str(tmp_path / 'big.txt'), data_root=str(tmp_path / 'data'))
     train, meta = read_split(tmp_path / 'data' / 'big_char', 'train')
     assert meta['dtype'] == 'uint32' and meta['vocab_size'] > 65536
-    _, decode = get_tokenizer(meta)
+    decode = Tokenizer(meta).decode
     assert decode(train.tolist()) == text[:len(train)]
 
 
@@ -110,7 +112,7 @@ def test_unreachable_url_fails_after_retries(tmp_path):
 def gpt2_documents(data_dir):
     """The documents of a GPT-2 dataset's splits: each starts with the end-of-text token."""
     meta = load_meta(str(data_dir))
-    _, decode = get_tokenizer(meta)
+    decode = Tokenizer(meta).decode
     splits = {}
     for split in ('train', 'val'):
         ids = np.fromfile(data_dir / f'{split}.bin', dtype=meta['dtype'])
@@ -229,7 +231,7 @@ def test_char_documents_share_one_vocabulary(tmp_path):
     prepare('c_char', str(tmp_path / 'in'), val_fraction=0.3, data_root=str(tmp_path / 'data'))
     train, meta = read_split(tmp_path / 'data' / 'c_char', 'train')
     val, _ = read_split(tmp_path / 'data' / 'c_char', 'val')
-    _, decode = get_tokenizer(meta)
+    decode = Tokenizer(meta).decode
     assert meta['chars'] == sorted(set('abc\nhélloxyz'))  # no \r: line endings are normalised
     assert decode(val.tolist()) == 'abc\n' and decode(train.tolist()) == 'héllo\n' + 'xyz' * 5  # no separators
 
@@ -239,7 +241,7 @@ def test_a_lone_surrogate_in_jsonl_becomes_a_replacement_character(tmp_path):
     prepare('s_char', str(tmp_path / 'in.jsonl'), val_fraction=0.5, data_root=str(tmp_path / 'data'))
     val, meta = read_split(tmp_path / 'data' / 's_char', 'val')
     train, _ = read_split(tmp_path / 'data' / 's_char', 'train')
-    _, decode = get_tokenizer(meta)
+    decode = Tokenizer(meta).decode
     assert decode(val.tolist()) == 'a\ufffdb' and decode(train.tolist()) == 'emoji \U0001F600 ok'
 
 

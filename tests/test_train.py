@@ -15,17 +15,17 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_
 
 def test_get_batch_shapes_dtypes_and_targets():
     data = np.arange(1000, dtype=np.uint16)
-    x, y = train.get_batch(data, 4, 16, train.batch_rng(1, 0, 0, 0), 'cpu')
-    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    x, y, n = train.get_batch(data, 4, 16, train.batch_rng(1, 0, 0, 0), 'cpu')
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64 and n == 4 * 16
     assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the inputs shifted by one
     assert torch.equal(y[:, -1], x[:, -1] + 1)
     assert int(x.max()) < 1000
     # a batch is a function of (seed, step) alone
-    x2, _ = train.get_batch(data, 4, 16, train.batch_rng(1, 0, 0, 0), 'cpu')
-    x3, _ = train.get_batch(data, 4, 16, train.batch_rng(1, 0, 1, 0), 'cpu')
+    x2, _, _ = train.get_batch(data, 4, 16, train.batch_rng(1, 0, 0, 0), 'cpu')
+    x3, _, _ = train.get_batch(data, 4, 16, train.batch_rng(1, 0, 1, 0), 'cpu')
     assert torch.equal(x, x2) and not torch.equal(x, x3)
     big = np.arange(70_000, dtype=np.uint32)  # uint32 streams read the same way
-    x, y = train.get_batch(big, 2, 8, train.batch_rng(0, 0), 'cpu')
+    x, y, _ = train.get_batch(big, 2, 8, train.batch_rng(0, 0), 'cpu')
     assert torch.equal(y[:, :-1], x[:, 1:]) and x.dtype == torch.int64
 
 
