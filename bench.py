@@ -13,12 +13,14 @@ Sampling: tokens/s of one sample from a 1-token prompt, KV cache and weights in 
 float32 generation that re-runs the whole context for every token (nanoGPT's generate); and the limit
 for batch-1 decoding in dtype: the tokens/s if only the weights' matrix-vector products ran.
 init_from (as in train.py: gpt2, a Hub repository, a checkpoint) measures that model instead of a new
-one. With lora_rank > 0, training is LoRA's against full fine-tuning, both in dtype, with the trainable
+one. With a chat dataset (--dataset=NAME, prepared from conversations), training is also measured on its
+conversations, counting real tokens only, next to a token stream. With lora_rank > 0, training is LoRA's against full fine-tuning, both in dtype, with the trainable
 parameters and the memory AdamW's state takes.
 The data is random tokens: speed does not depend on them.
 """
 
 import copy
+import os
 import sys
 import time
 from types import SimpleNamespace
@@ -29,8 +31,9 @@ from torch import nn
 
 import train
 from common import autocast_context, load_config, measure_peak_flops, pick_device, pick_dtype, synchronize
-from model import GPT, add_lora, load_model, merge_lora
-from dataset import load_meta
+from checkpoint import load_model
+from model import GPT, add_lora, merge_lora
+from dataset import load_meta, open_split
 
 DEFAULTS = {
     **train.DEFAULTS,
@@ -51,9 +54,10 @@ def vocab_size_of(cfg):
         return 50304
 
 
-def train_speed(cfg, model, device, dtype, use_compile, lora_rank=0):
+def train_speed(cfg, model, device, dtype, use_compile, lora_rank=0, data=None):
     """(tokens/s, MFU, trainable parameters, bytes of AdamW state) of train_steps optimizer steps, as
-    train.py takes them."""
+    train.py takes them, on data (a chat dataset's Conversations: tokens/s counts its real tokens, not the
+    padding) or random tokens."""
     model = model.to(device)
     if lora_rank > 0:
         add_lora(model, lora_rank, cfg.lora_alpha, cfg.lora_dropout, train.lora_settings(cfg)['targets'])
@@ -61,16 +65,18 @@ def train_speed(cfg, model, device, dtype, use_compile, lora_rank=0):
                                             device.split(':')[0], cfg.muon_lr if cfg.optimizer == 'muon' else 0.0)
     step_model = torch.compile(model) if use_compile else model
     ctx = autocast_context(device.split(':')[0], dtype)
-    data = np.random.default_rng(cfg.seed).integers(0, model.config.vocab_size, 100_000).astype(np.int64)
+    if data is None:
+        data = np.random.default_rng(cfg.seed).integers(0, model.config.vocab_size, 100_000).astype(np.int64)
     scaler = torch.amp.GradScaler(device.split(':')[0], enabled=(dtype == 'float16'))
     accum = cfg.gradient_accumulation_steps
     for step in range(cfg.warmup_steps + cfg.train_steps):
         if step == cfg.warmup_steps:
             synchronize(device)
-            t0 = time.perf_counter()
+            t0, tokens = time.perf_counter(), 0
         for micro_step in range(accum):
-            x, y, _ = train.get_batch(data, cfg.batch_size, cfg.block_size, train.batch_rng(cfg.seed, step, micro_step),
-                                      device)
+            x, y, n_tokens = train.get_batch(data, cfg.batch_size, cfg.block_size,
+                                             train.batch_rng(cfg.seed, step, micro_step), device)
+            tokens += n_tokens
             with ctx:
                 _, loss = step_model(x, y)
             scaler.scale(loss / accum).backward()
@@ -78,11 +84,11 @@ def train_speed(cfg, model, device, dtype, use_compile, lora_rank=0):
     synchronize(device)
     dt = (time.perf_counter() - t0) / cfg.train_steps
     peak = measure_peak_flops(device, dtype)
-    mfu = model.estimate_mfu(cfg.batch_size * accum, dt, peak, cfg.block_size)
+    mfu = model.estimate_mfu(tokens / cfg.train_steps / cfg.block_size, dt, peak, cfg.block_size)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state_bytes = sum(t.numel() * t.element_size() for optimizer in optimizers
                       for state in optimizer.state.values() for t in state.values())
-    return cfg.batch_size * accum * cfg.block_size / dt, mfu, trainable, state_bytes
+    return tokens / cfg.train_steps / dt, mfu, trainable, state_bytes
 
 
 def sample_speed(cfg, model, device, dtype, use_cache):
@@ -157,6 +163,13 @@ def main(argv):
                 rows.append((f"train tokens/s ({batch})", 'float32 eager', base_tok_s, name, tok_s))
                 rows.append((f"train MFU (of the measured {dtype} peak)", 'float32 eager, of fp32 peak', base_mfu,
                              name, mfu))
+        data_dir = os.path.join('data', cfg.dataset)
+        if os.path.exists(os.path.join(data_dir, 'train_mask.bin')):  # a chat dataset: its conversations too
+            conversations = open_split(data_dir, 'train', load_meta(data_dir)['dtype'], cfg.block_size)
+            stream = train_speed(cfg, new_model(), device, dtype, False)[0]
+            rows.append((f"train tokens/s on {cfg.dataset}'s conversations (not counting padding)",
+                         f"{dtype} eager, a token stream", stream, f"{dtype} eager, whole conversations",
+                         train_speed(cfg, new_model(), device, dtype, False, data=conversations)[0]))
     if cfg.sample_tokens > 0:
         tok_s = sample_speed(cfg, new_model(), device, dtype, use_cache=True)
         base_tok_s = sample_speed(cfg, new_model(), device, 'float32', use_cache=False) if cfg.baseline else None

@@ -28,6 +28,7 @@ SHAKESPEARE_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 DATASETS = {  # name -> (where the text comes from, its SHA-256, tokenizer)
     'shakespeare_char': (SHAKESPEARE_URL, SHAKESPEARE_SHA256, 'char'),
     'shakespeare': (SHAKESPEARE_URL, SHAKESPEARE_SHA256, 'gpt2'),
+    'shakespeare_bpe': (SHAKESPEARE_URL, SHAKESPEARE_SHA256, 'bpe'),  # a BPE trained on it (--vocab_size)
 }
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = 50256  # <|endoftext|>: starts every document of a GPT-2 dataset

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from common import autocast_context, die, load_config, pick_device, pick_dtype
-from model import load_model, merge_lora, padded_vocab_size
+from checkpoint import load_model
+from model import merge_lora, padded_vocab_size
 from dataset import Conversations, checkpoint_meta, load_meta, open_split
 from tokenizer import Tokenizer, compatible
 

@@ -26,7 +26,8 @@ from types import SimpleNamespace
 import torch
 
 from common import die, load_config, pick_device, pick_dtype
-from model import load_model, merge_lora
+from checkpoint import load_model
+from model import merge_lora
 from dataset import checkpoint_meta
 from serve import complete, run_server
 from tokenizer import Tokenizer

@@ -321,15 +321,20 @@ def generation_loop(app):
     sample.py. (A handler thread still inside torch when Python exits can abort the process.)
     """
     while True:
-        job = app.jobs.get()
+        job, held = app.jobs.get(), []
         try:
             for event in complete(app.model, app.tokenizer, app.device, job.ids, job.req, job.end_ids):
                 if job.cancelled:
                     break
-                job.events.put(event)
+                if job.req['stream']:
+                    job.events.put(event)
+                else:  # its handler waits for the whole answer: waking it for every token costs ~10% here
+                    held.append(event)
         except Exception as e:  # out of memory, say: this request fails, the server goes on
             traceback.print_exc()
             job.error = f"generation failed: {type(e).__name__}: {e}"
+        for event in held:
+            job.events.put(event)
         job.events.put(None)
 
 

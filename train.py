@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from common import autocast_context, die, load_config, measure_peak_flops, pick_device, pick_dtype
-from model import LORA_TARGETS, GPT, GPTConfig, add_lora, load_model, lora_state_dict, merge_lora, padded_vocab_size
+from checkpoint import load_model, save_checkpoint
+from model import LORA_TARGETS, GPT, GPTConfig, add_lora, lora_state_dict, merge_lora, padded_vocab_size
 from dataset import DATASETS, Conversations, load_meta, open_split
 from tokenizer import compatible
 
@@ -183,23 +184,6 @@ def optimizer_step(model, optimizers, scaler, grad_clip, skip_nonfinite=False):
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     return taken
-
-
-def save_checkpoint(checkpoint, path):
-    """Write through a temporary file, fsync, rename: a crash leaves the old checkpoint or the new one."""
-    tmp_path = path + '.tmp'
-    try:
-        with open(tmp_path, 'wb') as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-        return True
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        if os.path.isfile(tmp_path):
-            os.remove(tmp_path)
-        print(f"warning: could not save {path} ({e}); the previous checkpoint is kept")
-        return False
 
 
 def check_resume(cfg, checkpoint, master):

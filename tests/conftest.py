@@ -104,3 +104,46 @@ def http_server(tmp_path):
     yield f'http://127.0.0.1:{server.server_address[1]}', root, state
     server.shutdown()
     server.server_close()
+
+
+# a tiny chat model, made the way a user makes one: conversations -> prepare.py -> train.py (about 25 s)
+CHAT_HTML_REPLY = 'Look: <img src=x onerror=alert(1)> & <b>bold</b>'
+CHAT_LONG_REPLY = 'la ' * 200  # longer than any context here: greedy decoding goes on past it
+
+
+def chat_conversations(n=400, seed=0):
+    """User turns of random words ending with a keyword; the assistant's answer depends on the keyword (and
+    some conversations have a short exchange before, so that a history doesn't confuse it)."""
+    import random
+    rng = random.Random(seed)
+    words = ['the', 'cat', 'sat', 'on', 'a', 'mat', 'dog', 'ran', 'far', 'we', 'go', 'now']
+    answers = {'hello': CHAT_HTML_REPLY, 'story': CHAT_LONG_REPLY, 'count': 'one two three.', 'name': 'I am tiny.'}
+
+    def exchange(keywords):
+        keyword = rng.choice(keywords)
+        user = ' '.join(rng.choice(words) for _ in range(rng.randint(1, 4))) + ' ' + keyword
+        return [{'role': 'user', 'content': user}, {'role': 'assistant', 'content': answers[keyword]}]
+    conversations = []
+    for _ in range(n):
+        messages = exchange(list(answers))
+        if rng.random() < 0.4:
+            messages = exchange(['count', 'name']) + messages
+        if rng.random() < 0.3:
+            messages.insert(0, {'role': 'system', 'content': 'be brief'})
+        conversations.append({'messages': messages})
+    return conversations
+
+
+@pytest.fixture(scope='session')
+def chat_model(tmp_path_factory):
+    """-> the out_dir of a 2-layer character model fine-tuned on chat_conversations."""
+    import json
+    cwd = tmp_path_factory.mktemp('chat')
+    with open(cwd / 'chats.jsonl', 'w') as f:
+        f.writelines(json.dumps(c) + '\n' for c in chat_conversations())
+    run('prepare.py', 'chats', '--input=chats.jsonl', '--tokenizer=char', cwd=cwd)
+    run('train.py', '--dataset=chats', '--out_dir=out', '--n_layer=2', '--n_head=2', '--n_embd=64', '--block_size=96',
+        '--batch_size=16', '--gradient_accumulation_steps=1', '--max_iters=800', '--eval_interval=800', '--eval_iters=2',
+        '--learning_rate=3e-3', '--warmup_iters=10', '--lr_decay_iters=800', '--min_lr=3e-4', '--device=cpu',
+        '--dtype=float32', cwd=cwd, env={'OMP_NUM_THREADS': '1'})
+    return str(cwd / 'out')

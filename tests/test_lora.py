@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import gpt2_bpe_available, run
-from model import LORA_TARGETS, GPT, LoRALinear, add_lora, load_model, merge_lora
+from checkpoint import load_model
+from model import LORA_TARGETS, GPT, LoRALinear, add_lora, merge_lora
 from tokenizer import Tokenizer
 from test_model import tiny_config
 from test_pretrained import hub, publish, tiny_gpt2  # noqa: F401 (fixture)

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, Linear, load_checkpoint, sample_next
+from checkpoint import load_checkpoint
+from model import GPT, GPTConfig, KVCache, Linear, sample_next
 
 
 def tiny_config(**overrides):

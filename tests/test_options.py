@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import run
-from model import GPT, GPTConfig, load_checkpoint
+from checkpoint import load_checkpoint
+from model import GPT, GPTConfig
 from test_train import prepared  # noqa: F401 (fixture)
 
 OPTIONS = {

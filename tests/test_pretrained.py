@@ -10,7 +10,8 @@ import torch
 
 import dataset
 from conftest import gpt2_bpe_available, run
-from model import GPT, GPTConfig, load_model
+from checkpoint import load_model
+from model import GPT, GPTConfig
 from test_model import reference_logits
 
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')

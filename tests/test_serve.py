@@ -16,7 +16,8 @@ import requests
 import torch
 
 from conftest import ROOT
-from model import GPT, GPTConfig, load_checkpoint
+from checkpoint import load_checkpoint
+from model import GPT, GPTConfig
 from serve import complete, held_back
 
 TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine!\n"

@@ -12,7 +12,8 @@ import torch
 import prepare as prepare_module
 from conftest import gpt2_bpe_available, run
 from dataset import load_meta
-from model import GPT, GPTConfig, load_model
+from checkpoint import load_model
+from model import GPT, GPTConfig
 from prepare import prepare
 from test_model import reference_logits
 from test_pretrained import hub, publish  # noqa: F401 (fixture)

@@ -7,7 +7,7 @@ import torch
 
 import train
 from conftest import run
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
         '--warmup_iters=5', '--lr_decay_iters=40', '--learning_rate=3e-3', '--min_lr=3e-4', '--device=cpu']

@@ -1,0 +1,152 @@
+"""
+Checkpoints, in one place: a model from train.py's checkpoint (ours, or nanoGPT's), from a Hugging Face Hub
+repository of GPT-2's architecture (hub.py fetches the files), and writing a checkpoint so that a crash
+never loses the last one.
+
+    model, checkpoint = load_model(init_from, out_dir)   # 'resume', a checkpoint file or out_dir, or a Hub repo
+    save_checkpoint(checkpoint, path)                      # atomic: the old file or the new one
+
+A checkpoint is a dict: 'model' (the state dict; with LoRA only the adapters, and 'lora' names their base),
+'model_args' (GPTConfig's fields), 'config' (train.py's keys), 'meta' (the tokenizer: tokenizer.py),
+'iter_num', 'best_val_loss', the optimizers' and GradScaler's states, 'init_from'.
+"""
+
+import os
+from dataclasses import asdict, fields
+
+import torch
+
+import hub
+from common import die
+from dataset import GPT2_META, GPT2_VOCAB_SIZE, token_dtype
+from model import GPT, GPTConfig, add_lora, merge_lora
+from tokenizer import hub_tokenizer
+
+
+def save_checkpoint(checkpoint, path):
+    """Write through a temporary file, fsync, rename: a crash leaves the old checkpoint or the new one."""
+    tmp_path = path + '.tmp'
+    try:
+        with open(tmp_path, 'wb') as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        return True
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.isfile(tmp_path):
+            os.remove(tmp_path)
+        print(f"warning: could not save {path} ({e}); the previous checkpoint is kept")
+        return False
+
+
+def load_model(init_from, out_dir='out', device='cpu', dropout=None, lora_dropout=None):
+    """-> (model, checkpoint dict) from init_from: 'resume' (out_dir's checkpoint), a checkpoint file or a
+    run's out_dir, or a Hub repository of the GPT-2 architecture (gpt2, gpt2-medium, ..., owner/name).
+    dropout and lora_dropout, training settings, replace the saved ones when given."""
+    if init_from == 'resume':
+        return load_checkpoint(out_dir, device, dropout, lora_dropout)
+    if os.path.exists(init_from) or init_from.endswith('.pt') or init_from.startswith(('.', '/', '~')):
+        return load_checkpoint(os.path.expanduser(init_from), device, dropout, lora_dropout)
+    return from_pretrained(init_from, device, dropout or 0.0)
+
+
+def from_pretrained(repo, device='cpu', dropout=0.0):
+    """GPT-2 weights from the Hub -> (model, a checkpoint-like dict: model_args, meta, init_from).
+
+    The shapes come from config.json. Hugging Face stores the Linears of a block as Conv1D, weight
+    (in, out): they are transposed. Its causal-mask buffers (attn.bias, attn.masked_bias) are not
+    weights. Names may or may not start with 'transformer.' (GPT2LMHeadModel or GPT2Model).
+    """
+    config, weights = hub.fetch(repo)
+    if config.get('model_type') != 'gpt2' or not {'n_layer', 'n_head', 'n_embd', 'vocab_size'} <= config.keys():
+        die(f"{repo} is a '{config.get('model_type')}' model: only the GPT-2 architecture (model_type gpt2) loads")
+    n_embd = config['n_embd']
+    # settings this model does not have; GPT-2's own GELU (gelu_new) is the tanh approximation of ours, as
+    # in nanoGPT: the logits differ by about 1e-3
+    unlike_ours = {'n_inner': (None, 4 * n_embd), 'activation_function': ('gelu_new', 'gelu', 'gelu_pytorch_tanh'),
+                   'scale_attn_by_inverse_layer_idx': (False,), 'add_cross_attention': (False,),
+                   'tie_word_embeddings': (True,)}
+    for key, fine in unlike_ours.items():
+        if config.get(key, fine[0]) not in fine:
+            die(f"{repo} has {key}={config[key]!r} in its config.json, which this GPT-2 does not implement")
+    # the tokenizer: GPT-2's for GPT-2's vocabulary (or a larger, padded one without a tokenizer.json of its own)
+    meta = hub_tokenizer(repo) if config['vocab_size'] != GPT2_VOCAB_SIZE else None
+    if meta is None and config['vocab_size'] < GPT2_VOCAB_SIZE:
+        die(f"{repo} has {config['vocab_size']} tokens, fewer than GPT-2's {GPT2_VOCAB_SIZE}, and no tokenizer.json: "
+            "there is no tokenizer to use it with")
+    meta = {**meta, 'dtype': token_dtype(meta['vocab_size'])} if meta else dict(GPT2_META)
+    if meta['vocab_size'] > config['vocab_size']:
+        die(f"{repo}'s tokenizer.json has ids up to {meta['vocab_size'] - 1}, past its {config['vocab_size']} embeddings")
+    model_args = dict(n_layer=config['n_layer'], n_head=config['n_head'], n_embd=n_embd, bias=True, dropout=dropout,
+                      block_size=config.get('n_positions', config.get('n_ctx')), vocab_size=config['vocab_size'])
+    model = GPT(GPTConfig(**model_args))
+
+    state_dict, conv1d = {}, ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+    for key, value in weights.items():
+        key = key if key == 'lm_head.weight' else 'transformer.' + key.removeprefix('transformer.')
+        if not key.endswith(('.attn.bias', '.attn.masked_bias')):
+            state_dict[key] = value.t() if key.endswith(conv1d) else value
+    state_dict.setdefault('lm_head.weight', state_dict.get('transformer.wte.weight'))  # tied: usually not stored
+    expected = model.state_dict()
+    problems = ([f"missing {k}" for k in expected if state_dict.get(k) is None]
+                + [f"unexpected {k}" for k in state_dict if k not in expected]
+                + [f"{k} is {tuple(v.shape)}, not {tuple(expected[k].shape)}" for k, v in state_dict.items()
+                   if k in expected and v is not None and v.shape != expected[k].shape])
+    if problems:
+        die(f"{repo}'s weights do not fit a GPT-2 of its config.json: {', '.join(problems[:3])}"
+            f"{' ...' if len(problems) > 3 else ''}")
+    if not torch.equal(state_dict['lm_head.weight'], state_dict['transformer.wte.weight']):
+        die(f"{repo} has an lm_head.weight apart from its token embeddings: only tied embeddings (GPT-2's) load")
+    model.load_state_dict(state_dict)
+    return model.to(device), {'model_args': model_args, 'meta': meta, 'init_from': repo}
+
+
+def load_checkpoint(path, device='cpu', dropout=None, lora_dropout=None):
+    """Load a checkpoint written by train.py, here or in nanoGPT -> (model, checkpoint dict).
+
+    Only tensors and plain Python values are unpickled (weights_only=True), so a checkpoint from
+    someone else cannot run code. Errors a user can cause stop with a one-line message. A LoRA
+    checkpoint holds only adapters: its base model is loaded first, and the adapters put on it.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, 'ckpt.pt')
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint at {path}: train one first (python train.py ...) "
+                         "or point --out_dir at a directory holding ckpt.pt")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}); it may be "
+                         "truncated or not a checkpoint at all: use another one or retrain")
+    if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'model_args' not in checkpoint:
+        raise SystemExit(f"error: {path} has no 'model' and 'model_args': not a checkpoint of train.py")
+    known = {f.name for f in fields(GPTConfig)}
+    model_args = {k: v for k, v in checkpoint['model_args'].items() if k in known}
+    if dropout is not None:
+        model_args['dropout'] = dropout
+    lora = checkpoint.get('lora')
+    if lora:
+        model, _ = load_model(lora['base'], device=device, dropout=model_args.get('dropout'))
+        merge_lora(model)  # the base may itself be a LoRA checkpoint
+        if model.config.block_size > model_args['block_size']:
+            model.crop_block_size(model_args['block_size'])
+        if model.config.vocab_size < model_args['vocab_size']:  # grown for a chat template: frozen at the mean
+            model.grow_vocab(model_args['vocab_size'])
+        if asdict(model.config) != {**asdict(GPTConfig()), **model_args}:
+            die(f"{path} holds LoRA adapters for a base '{lora['base']}' of another shape than the one found "
+                f"there now: point the checkpoint's base at the model it was trained on")
+        add_lora(model, lora['rank'], lora['alpha'], lora['dropout'] if lora_dropout is None else lora_dropout,
+                 lora['targets'])
+    else:
+        model = GPT(GPTConfig(**model_args))
+    state_dict = {}
+    for key, value in checkpoint['model'].items():
+        key = key.removeprefix('_orig_mod.')  # nanoGPT saved torch.compile'd models under this prefix
+        if not key.endswith('.attn.bias'):  # nanoGPT's causal-mask buffer on PyTorch < 2.0: not a weight
+            state_dict[key] = value
+    missing, unexpected = model.load_state_dict(state_dict, strict=not lora)
+    if unexpected or any('.lora_' in k for k in missing):
+        die(f"{path}'s LoRA adapters do not fit its base '{lora['base']}' (missing {len(missing)}, unexpected "
+            f"{len(unexpected)} tensors): the checkpoint is damaged or its lora settings were edited")
+    return model.to(device), checkpoint
