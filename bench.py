@@ -68,7 +68,7 @@ def train_speed(cfg, model, device, dtype, use_compile, lora_rank=0, data=None):
     if data is None:
         data = np.random.default_rng(cfg.seed).integers(0, model.config.vocab_size, 100_000).astype(np.int64)
     scaler = torch.amp.GradScaler(device.split(':')[0], enabled=(dtype == 'float16'))
-    accum = cfg.gradient_accumulation_steps
+    accum, tokens = cfg.gradient_accumulation_steps, 0
     for step in range(cfg.warmup_steps + cfg.train_steps):
         if step == cfg.warmup_steps:
             synchronize(device)

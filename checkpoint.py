@@ -19,8 +19,8 @@ import torch
 import hub
 from common import die
 from dataset import GPT2_META, GPT2_VOCAB_SIZE, token_dtype
-from model import GPT, GPTConfig, add_lora, merge_lora
-from tokenizer import hub_tokenizer
+from model import GPT, GPTConfig, add_lora, merge_lora, padded_vocab_size
+from tokenizer import compatible, hub_tokenizer, special_tokens
 
 
 def save_checkpoint(checkpoint, path):
@@ -38,6 +38,31 @@ def save_checkpoint(checkpoint, path):
             os.remove(tmp_path)
         print(f"warning: could not save {path} ({e}); the previous checkpoint is kept")
         return False
+
+
+def fit_vocabulary(model, checkpoint, data_meta, dataset, name, grow=True):
+    """Check that the ids of a dataset's tokenizer (data_meta) mean what they meant to the model (its checkpoint's
+    meta: tokenizer.compatible), and with grow, give the model rows for the special tokens the data adds (a
+    chat template's) as fine-tuning starts: grow_vocab. nanoGPT's checkpoints, which have no meta, only need
+    enough rows. A mismatch is a one-line error. -> the meta that a checkpoint of the model trained on this
+    data records: the data's, keeping the special tokens (and chat template) the model already had."""
+    model_meta = checkpoint.get('meta') or data_meta
+    grows = grow and 'meta' in checkpoint and model.config.vocab_size < data_meta['vocab_size']
+    if not compatible(model_meta, data_meta) or (model.config.vocab_size < data_meta['vocab_size'] and not grows):
+        how = (model_meta.get('source') or 'data/<its dataset>') if model_meta['tokenizer'] == 'bpe' \
+            else model_meta['tokenizer']
+        die(f"the vocabulary of {name} ({model.config.vocab_size} tokens) is not the one of dataset '{dataset}' "
+            f"({data_meta['vocab_size']} tokens): " + (f"prepare a dataset with the model's tokenizer: python prepare.py "
+                                                        f"NAME --input=FILE --tokenizer={how}" if grow else
+                                                        "resume on the dataset it was trained on"))
+    if grows:
+        model.grow_vocab(padded_vocab_size(data_meta['vocab_size']))
+    kept = {name: i for name, i in special_tokens(model_meta).items() if name not in special_tokens(data_meta)}
+    if not kept and ('chat_template' in data_meta or 'chat_template' not in model_meta):
+        return data_meta
+    size = max(model_meta['vocab_size'], data_meta['vocab_size'])  # a chat model trained on more text stays one
+    return {**data_meta, 'special': {**special_tokens(data_meta), **kept}, 'vocab_size': size,
+            'dtype': token_dtype(size), **{k: v for k, v in model_meta.items() if k == 'chat_template'}}
 
 
 def load_model(init_from, out_dir='out', device='cpu', dropout=None, lora_dropout=None):

@@ -120,12 +120,11 @@ class Conversations:
         return len(self.starts)
 
     def sample(self, batch_size, block_size, rng, mask_prompt=True):
-        """A random batch of about batch_size * block_size tokens, as a stream's batch: conversations of
-        about the same length (a random one, and the next ones in length), as many as fit. -> rows()"""
+        """A random batch of about batch_size * block_size tokens, as a stream's batch: a random conversation
+        and the ones just shorter than it, as many as fit (fewer for the very shortest). -> rows()"""
         i = int(rng.integers(len(self)))
-        rows = min(len(self), max(1, batch_size * block_size // (int(self.lengths[self.by_length[i]]) - 1)))
-        first = min(i, len(self) - rows)
-        return self.rows(self.by_length[first:first + rows], mask_prompt)
+        rows = max(1, batch_size * block_size // (int(self.lengths[self.by_length[i]]) - 1))
+        return self.rows(self.by_length[max(0, i + 1 - rows):i + 1], mask_prompt)
 
     def rows(self, indices, mask_prompt=True):
         """(x, y, real tokens) of the conversations `indices`, one a row from its first token: inputs x and

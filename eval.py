@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from common import autocast_context, die, load_config, pick_device, pick_dtype
-from checkpoint import load_model
-from model import merge_lora, padded_vocab_size
+from checkpoint import fit_vocabulary, load_model
+from model import merge_lora
 from dataset import Conversations, checkpoint_meta, load_meta, open_split
-from tokenizer import Tokenizer, compatible
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a checkpoint file or out_dir, or a Hub model: gpt2, owner/name
@@ -145,12 +145,7 @@ def read_tokens(cfg, checkpoint, model, meta, block_size):
         die(f"no split '{cfg.split}' of dataset '{dataset}' in {data_dir}: use --split=train or val, after "
             f"python prepare.py {dataset} ...")
     # the data may add special tokens (a chat template's), which the model gets as fine-tuning gives them
-    grows = 'meta' in checkpoint and model.config.vocab_size < data_meta['vocab_size']
-    if not compatible(meta, data_meta) or (model.config.vocab_size < data_meta['vocab_size'] and not grows):
-        die(f"dataset '{dataset}' is tokenized by {data_meta['tokenizer']} ({data_meta['vocab_size']} tokens), the "
-            f"model by {meta['tokenizer']} ({meta['vocab_size']}): use --input=FILE, or a dataset prepared like its own")
-    if grows:
-        model.grow_vocab(padded_vocab_size(data_meta['vocab_size']))
+    fit_vocabulary(model, checkpoint, data_meta, dataset, cfg.init_from)
     return f"{dataset} {cfg.split}", data, Tokenizer(data_meta, f"{data_dir}/meta.json")
 
 
@@ -186,10 +181,13 @@ def main(argv):
     if not 0 < block_size <= model.config.block_size or not 0 < stride <= block_size or cfg.batch_size <= 0:
         die(f"need 0 < stride <= block_size <= {model.config.block_size} (the model's) and batch_size > 0, got "
             f"stride {stride}, block_size {block_size}, batch_size {cfg.batch_size}")
+    if cfg.max_reply_tokens <= 0 or cfg.conversations < 0 or cfg.show < 0:
+        die(f"need max_reply_tokens > 0, conversations >= 0 (0: all) and show >= 0, got {cfg.max_reply_tokens}, "
+            f"{cfg.conversations}, {cfg.show}")
     meta = checkpoint_meta(checkpoint)
     name, ids, tokenizer = read_tokens(cfg, checkpoint, model, meta, block_size)
     if isinstance(ids, Conversations):
-        return chat_results(cfg, model.to(device), name, ids, tokenizer, device, ctx)
+        return chat_results(cfg, model, name, ids, tokenizer, device, ctx)
     ids = ids[:cfg.max_tokens or len(ids)]
     if len(ids) < 2:
         die(f"{name} has {len(ids)} token(s): at least 2 are needed, one to predict the other")

@@ -22,6 +22,10 @@ SAFETENSORS_DTYPES = {'F64': 'float64', 'F32': 'float32', 'F16': 'float16', 'BF1
                       'I32': 'int32', 'I16': 'int16', 'I8': 'int8', 'U8': 'uint8', 'BOOL': 'bool'}
 
 
+def endpoint():
+    return os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
+
+
 def cache_dir(repo):
     home = os.environ.get('HF_HOME') or os.path.join(os.path.expanduser('~'), '.cache', 'huggingface')
     return os.path.join(home, 'gptforge', *repo.split('/'))
@@ -34,9 +38,8 @@ def fetch_file(repo, filename):
     directory = cache_dir(repo)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, filename)
-    endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
     token = os.environ.get('HF_TOKEN')
-    if os.path.exists(path) or download(f'{endpoint}/{repo}/resolve/main/{filename}', path, missing_ok=True,
+    if os.path.exists(path) or download(f'{endpoint()}/{repo}/resolve/main/{filename}', path, missing_ok=True,
                                         headers=token and {'Authorization': f'Bearer {token}'}):
         return path
     return None
@@ -46,8 +49,7 @@ def fetch_config(repo):
     """config.json of a Hub repository, as a dict."""
     path = fetch_file(repo, 'config.json')
     if path is None:
-        endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
-        die(f"no model '{repo}' here or on {endpoint} (no file or directory of that name, and the Hub has no "
+        die(f"no model '{repo}' here or on {endpoint()} (no file or directory of that name, and the Hub has no "
             f"{repo}/config.json): check the name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, owner/name; "
             "a private repository needs HF_TOKEN) or the checkpoint's path")
     try:
@@ -64,8 +66,7 @@ def fetch(repo):
     cached = [name for name in WEIGHT_FILES if os.path.exists(os.path.join(cache_dir(repo), name))]
     weights_path = next((path for path in (fetch_file(repo, name) for name in cached or WEIGHT_FILES) if path), None)
     if weights_path is None:
-        endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
-        die(f"{endpoint}/{repo} has neither {' nor '.join(WEIGHT_FILES)}: only repositories with PyTorch "
+        die(f"{endpoint()}/{repo} has neither {' nor '.join(WEIGHT_FILES)}: only repositories with PyTorch "
             "weights in one of those files load")
     if weights_path.endswith('.safetensors'):
         return config, read_safetensors(weights_path)

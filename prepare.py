@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+import hub
 from dataset import DATASETS, GPT2_META, INCOMPLETE, die, download, load_meta, shard_tokens, token_dtype
 from tokenizer import (Tokenizer, check_roles, check_vocab_size, gpt2_encoding, hub_tokenizer, train_bpe,
                        with_chat_tokens)
@@ -179,8 +180,9 @@ class Conversation(list):
 
 
 def conversation(record, where):
-    """A record in OpenAI's fine-tuning format {"messages": [...]} or Alpaca's {"instruction", "input",
-    "output"} (a user turn: the instruction, then the input if any; an assistant turn: the output)."""
+    """A record in OpenAI's fine-tuning format {"messages": [...]} (an assistant message with "weight": 0 is
+    not trained on) or Alpaca's {"instruction", "input", "output"} (a user turn: the instruction, then the
+    input if any; an assistant turn: the output)."""
     if 'messages' in record:
         messages = record['messages']
     elif isinstance(record.get('instruction'), str) and isinstance(record.get('output'), str):
@@ -193,9 +195,12 @@ def conversation(record, where):
         check_roles(messages, last='assistant')
         if any(m['role'] == 'assistant' and not m['content'].strip() for m in messages):
             raise ValueError("an assistant turn is empty: there is nothing to train on")
+        if any(m.get('weight', 1) not in (0, 1) for m in messages):
+            raise ValueError('a "weight" is neither 0 (an assistant turn not trained on) nor 1')
     except ValueError as e:
         die(f"{where}: {e}")
-    return Conversation({'role': m['role'], 'content': newlines(m['content'])} for m in messages)
+    return Conversation({'role': m['role'], 'content': newlines(m['content']), **({'weight': 0} if m.get('weight') == 0
+                                                                                  else {})} for m in messages)
 
 
 def detect_format(files):
@@ -335,7 +340,7 @@ def by_position(documents, split_at):
                 yield 'val', False, piece[cut:]
 
 
-def size(item):
+def item_chars(item):
     return sum(map(len, item.texts())) if isinstance(item, Conversation) else len(item)
 
 
@@ -344,7 +349,7 @@ def batches(items):
     open_batches, sizes = {'train': [], 'val': []}, {'train': 0, 'val': 0}
     for split, starts_a_document, item in items:
         open_batches[split].append((split, starts_a_document, item))
-        sizes[split] += size(item)
+        sizes[split] += item_chars(item)
         if sizes[split] >= PIECE_CHARS:
             yield open_batches[split]
             open_batches[split], sizes[split] = [], 0
@@ -544,7 +549,7 @@ def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='
     tokenizing = f"; tokenizing alone {n_bytes / 1e6 / (time.time() - t_tokenize):.1f} MB/s" if tokenizer == 'bpe' else ""
     print(f"train.bin: {tokens['train']:,} tokens; val.bin: {tokens['val']:,} tokens; "
           f"{n_bytes / 1e6:,.1f} MB of input in {seconds:.1f} s ({n_bytes / 1e6 / seconds:.1f} MB/s{tokenizing})")
-    if stats['tokens'] and meta['tokenizer'] != 'char':
+    if stats['tokens']:
         print(f"val text: {stats['bytes'] / stats['tokens']:.3f} bytes per token" +
               (f"; GPT-2's tokenizer: {stats['bytes'] / stats['gpt2 tokens']:.3f} on the same text "
                f"({stats['gpt2 tokens'] / stats['tokens']:.2f}x as many tokens)" if stats['gpt2 tokens'] else ""))
@@ -577,13 +582,12 @@ def prepare_fineweb(shards, data_root='data'):
     data_dir = os.path.join(data_root, 'fineweb10B')
     os.makedirs(data_dir, exist_ok=True)
     open(os.path.join(data_dir, INCOMPLETE), 'w').close()  # until every shard is here
-    endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
     names = {'val': ['fineweb_val_000000.bin'], 'train': [f'fineweb_train_{i:06d}.bin' for i in range(1, shards + 1)]}
     n_tokens = collections.Counter()
     for split, filenames in names.items():
         for filename in filenames:
             path = os.path.join(data_dir, filename)
-            download(f'{endpoint}/datasets/{FINEWEB_REPO}/resolve/main/{filename}', path)  # unless it is here
+            download(f'{hub.endpoint()}/datasets/{FINEWEB_REPO}/resolve/main/{filename}', path)  # unless it is here
             n_tokens[split] += len(shard_tokens(path))
     with open(os.path.join(data_dir, 'meta.json'), 'w') as f:  # the shards train.py reads: no more, no fewer
         json.dump({**GPT2_META, 'shards': names}, f)

@@ -11,8 +11,8 @@ as one batch, and printed when done.
 
     python sample.py --out_dir=out-sft --chat --system="You are brief."
 
-talks with a model fine-tuned on conversations, in the terminal: replies stream in; /clear starts over,
-/exit or Ctrl-D ends. When standard input is not a terminal, each line is a user message.
+talks with a model fine-tuned on conversations, in the terminal: replies stream in (Ctrl-C stops one);
+/clear starts over, /exit or Ctrl-D ends. When standard input is not a terminal, each line is a user message.
 
     python sample.py --out_dir=out-shakespeare-char --serve --port=8000
 
@@ -87,7 +87,9 @@ def chat_loop(cfg, model, tokenizer, device):
     while True:
         try:
             line = input('> ' if interactive else '')
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: the end
+            if interactive:
+                print()
             break
         if line.strip() == '/exit':
             break
@@ -98,8 +100,8 @@ def chat_loop(cfg, model, tokenizer, device):
         if not line.strip():
             continue
         messages.append({'role': 'user', 'content': line})
-        try:  # the reply gets at least half the context
-            ids, dropped = tokenizer.fit_prompt(messages, block_size - min(cfg.max_new_tokens, block_size // 2))
+        try:
+            ids, dropped = tokenizer.fit_prompt(messages, block_size, cfg.max_new_tokens)
         except (ValueError, SystemExit) as e:
             print(f"error: {str(e).removeprefix('error: ')}", flush=True)
             messages.pop()
@@ -108,10 +110,12 @@ def chat_loop(cfg, model, tokenizer, device):
             messages = system + messages[len(system) + dropped:]
             print(f"(the {dropped} oldest messages no longer fit the context: dropped)", flush=True)
         reply = ''
-        for _, text, finish_reason, _ in complete(model, tokenizer, device, ids, req,
-                                                  end_ids=set(tokenizer.special.values())):
-            print(text, end='', flush=True)
-            reply += text
+        try:
+            for _, text, _, _ in complete(model, tokenizer, device, ids, req, end_ids=set(tokenizer.special.values())):
+                print(text, end='', flush=True)
+                reply += text
+        except KeyboardInterrupt:  # Ctrl-C during a reply stops it; the conversation goes on
+            print(" (stopped)", end='')
         print(flush=True)
         messages.append({'role': 'assistant', 'content': reply})
 

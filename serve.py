@@ -41,6 +41,7 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'chat.html')  # 
 MAX_N = 16  # completions per request: n samples are one batch, so memory and time grow with n
 MAX_STOPS = 4  # stop sequences per request, as OpenAI
 MAX_BODY = 1 << 20  # bytes of JSON a request may send
+LOOPBACK = ('127.0.0.1', 'localhost', '::1')
 
 
 class BadRequest(Exception):
@@ -107,8 +108,7 @@ def parse_request(body, encode, vocab_size, max_tokens_cap):
 
 def parse_chat_request(body, tokenizer, block_size, max_tokens_cap):
     """Check a chat completions request -> (prompt token ids, settings, how many old messages were dropped to
-    fit the context) or raise BadRequest. The context keeps room for min(max_tokens, block_size / 2) tokens
-    of reply."""
+    fit the context: Tokenizer.fit_prompt) or raise BadRequest."""
     if not tokenizer.chat:
         raise BadRequest("this model has no chat template: fine-tune it on conversations first (prepare.py with "
                          "--format=chat data, then train.py), or use /v1/completions", 'messages')
@@ -127,7 +127,7 @@ def parse_chat_request(body, tokenizer, block_size, max_tokens_cap):
                              "(or a list of text parts)", 'messages')
         plain.append({'role': message['role'], 'content': content})
     try:
-        ids, dropped = tokenizer.fit_prompt(plain, block_size - min(req['max_tokens'], block_size // 2))
+        ids, dropped = tokenizer.fit_prompt(plain, block_size, req['max_tokens'])
     except SystemExit as e:  # the tokenizer's one-line error: a character outside a char vocabulary
         raise BadRequest(str(e).removeprefix('error: '), 'messages')
     except ValueError as e:
@@ -207,8 +207,20 @@ class CompletionHandler(BaseHTTPRequestHandler):
     def send_error_json(self, status, message, type='invalid_request_error', param=None):
         self.send_json(status, {'error': {'message': message, 'type': type, 'param': param, 'code': None}})
 
+    def foreign_host(self):
+        """A request whose Host is not this machine's, while the server listens on loopback only: a web page
+        elsewhere reaching it through a DNS name that points here (DNS rebinding). Refused with a 400."""
+        host = self.headers.get('Host', '').rsplit(':', 1)[0].strip('[]')
+        if self.server.app.loopback and host not in LOOPBACK:
+            self.send_error_json(400, f"Host '{host}' is not this server, which only serves this machine: use "
+                                 "http://127.0.0.1:<port>/ (or --host for another address)")
+            return True
+        return False
+
     def do_GET(self):
         app, path = self.server.app, urlsplit(self.path).path
+        if self.foreign_host():
+            return
         if path in ('/', '/index.html'):  # the chat page, the one file served: no path reaches another
             with open(PAGE, 'rb') as f:
                 page = f.read()
@@ -231,11 +243,15 @@ class CompletionHandler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         app, path = self.server.app, urlsplit(self.path).path.rstrip('/')
+        if self.foreign_host():
+            return
         if path not in ('/v1/completions', '/v1/chat/completions'):
             return self.send_error_json(404, f"no such path: POST {self.path} (try /v1/completions or "
                                         "/v1/chat/completions)", 'not_found_error')
         chat, dropped = path == '/v1/chat/completions', 0
-        try:
+        try:  # JSON only: a page elsewhere can't send that here without the browser asking first (CORS)
+            if self.headers.get_content_type() != 'application/json':
+                raise BadRequest("send the body as JSON, with the header Content-Type: application/json")
             length = self.headers.get('Content-Length', '')
             if not length.isdigit() or int(length) > MAX_BODY:
                 raise BadRequest(f"send a JSON body of at most {MAX_BODY} bytes, with its Content-Length")
@@ -346,12 +362,13 @@ def run_server(cfg, model, tokenizer, device):
         die(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}): pick another --port or --host")
     name = cfg.out_dir if cfg.init_from == 'resume' else cfg.init_from  # the model's id in the API
     server.app = SimpleNamespace(model=model, tokenizer=tokenizer, device=device, jobs=queue.Queue(), name=name,
-                                 created=int(time.time()), max_tokens_cap=cfg.max_tokens_cap)
+                                 created=int(time.time()), max_tokens_cap=cfg.max_tokens_cap,
+                                 loopback=cfg.host in LOOPBACK)
     host, port = server.server_address[:2]
     print(f"serving {name} on http://{host}:{port}/v1 (POST /v1/completions"
           + (", POST /v1/chat/completions, a chat page at GET /" if tokenizer.chat else "")
           + ", GET /v1/models); Ctrl-C stops", flush=True)
-    if host not in ('127.0.0.1', 'localhost'):
+    if not server.app.loopback:
         print(f"warning: listening on {host}, without authentication: anyone who can reach it can use the model",
               flush=True)
     Thread(target=server.serve_forever, daemon=True).start()  # accepts connections; a thread per request

@@ -114,9 +114,9 @@ class Tokenizer:
 
     def render(self, messages, open_reply=False):
         """A conversation in the chat template -> (ids, mask). mask[i] is 1 where training predicts ids[i]:
-        each assistant turn's text and its end token. Message text is ordinary text, so it cannot open or
-        close a turn. With open_reply, the last message is the user's and the ids end with an open
-        assistant turn, for the model to continue; otherwise the last is the assistant's.
+        each assistant turn's text and its end token (unless the message has "weight": 0). Message text is
+        ordinary text, so it cannot open or close a turn. With open_reply, the last message is the user's and
+        the ids end with an open assistant turn, for the model to continue; otherwise the last is the assistant's.
         A conversation that breaks the template raises ValueError, saying how."""
         if not set(CHAT_TOKENS) <= self.special.keys():
             raise ValueError("this tokenizer has no chat tokens: prepare the conversations with prepare.py, "
@@ -128,7 +128,7 @@ class Tokenizer:
             if role == 'assistant' and not text and not open_reply:
                 raise ValueError("an assistant turn is empty: there is nothing to train on")
             content = self.encode(text)
-            trained = int(role == 'assistant')
+            trained = int(role == 'assistant' and message.get('weight', 1) != 0)  # OpenAI's "weight": 0 skips a turn
             ids += [self.special[f'<|{role}_start|>'], *content, self.special[f'<|{role}_end|>']]
             mask += [0] + [trained] * (len(content) + 1)
         if open_reply:
@@ -136,21 +136,25 @@ class Tokenizer:
             mask.append(0)
         return ids, mask
 
-    def fit_prompt(self, messages, max_len):
-        """render(messages, open_reply=True) in at most max_len ids -> (ids, turns dropped): the oldest
-        exchanges (user and assistant) go first, whole; the system message stays. ValueError when the last
-        user turn alone does not fit."""
-        system = messages[:1] if messages and messages[0].get('role') == 'system' else []
-        turns, dropped = messages[len(system):], 0
-        while True:
-            ids, _ = self.render(system + turns, open_reply=True)
-            if len(ids) <= max_len:
-                return ids, dropped
-            if len(turns) == 1:
-                raise ValueError(f"the last user message takes {len(ids)} tokens with the template"
-                                 f"{' and the system message' if system else ''}, more than the {max_len} "
-                                 "the context leaves for it: shorten it")
-            turns, dropped = turns[2:], dropped + 2
+    def fit_prompt(self, messages, block_size, max_new_tokens):
+        """render(messages, open_reply=True) -> (ids, messages dropped), in at most block_size minus room for
+        a reply of max_new_tokens (at most half the context: the prompt keeps at least the other half). The
+        oldest exchanges (user and assistant) go first, whole; a system message stays. ValueError when the
+        last user turn alone (with the system message) does not fit."""
+        max_len = block_size - min(max_new_tokens, block_size // 2)
+        ids, _ = self.render(messages, open_reply=True)  # checks the roles too
+        system = 1 if messages[0]['role'] == 'system' else 0
+        sizes = [len(self.encode(m['content'])) + 2 for m in messages[system:]]  # text, start and end tokens
+        dropped, excess = 0, len(ids) - max_len
+        while excess > 0 and dropped + 1 < len(sizes):
+            excess -= sizes[dropped] + sizes[dropped + 1]
+            dropped += 2
+        if excess > 0:
+            raise ValueError(f"the last user message takes {excess + max_len} tokens with the template"
+                             f"{' and the system message' if system else ''}, more than the {max_len} the context "
+                             f"leaves for it (block_size {block_size}, a reply of up to {max_new_tokens}): shorten it")
+        return (self.render(messages[:system] + messages[system + dropped:], open_reply=True)[0] if dropped else ids,
+                dropped)
 
 
 def check_roles(messages, last):

@@ -26,10 +26,9 @@ import numpy as np
 import torch
 
 from common import autocast_context, die, load_config, measure_peak_flops, pick_device, pick_dtype
-from checkpoint import load_model, save_checkpoint
+from checkpoint import fit_vocabulary, load_model, save_checkpoint
 from model import LORA_TARGETS, GPT, GPTConfig, add_lora, lora_state_dict, merge_lora, padded_vocab_size
 from dataset import DATASETS, Conversations, load_meta, open_split
-from tokenizer import compatible
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on the BPE shakespeare text
@@ -301,7 +300,7 @@ def main(argv):
               f"{world_size} process(es), {torch.get_num_threads()} threads each")
         print(f"tokens per iteration will be: {tokens_per_iter:,}")
 
-    meta, splits = open_dataset(cfg)
+    meta, splits = open_dataset(cfg)  # meta: what the checkpoints record of the tokenizer
 
     # the model: new (its initialization seeded), the one in out_dir/ckpt.pt, or pretrained weights to fine-tune
     torch.manual_seed(cfg.seed)
@@ -328,20 +327,16 @@ def main(argv):
                 die(f"{cfg.init_from} has a context of {model.config.block_size} tokens: "
                     f"use --block_size={model.config.block_size} or less")
             model.crop_block_size(cfg.block_size)
-        model_meta = checkpoint.get('meta', meta)  # nanoGPT's checkpoints don't say: the vocabulary size must do
+        rows = model.config.vocab_size
         # fine-tuning data may bring special tokens the model lacks (a chat template's): it grows rows for them
-        grows = 'meta' in checkpoint and not resume and model.config.vocab_size < meta['vocab_size']
-        if not compatible(model_meta, meta) or (model.config.vocab_size < meta['vocab_size'] and not grows):
-            die(f"the vocabulary of {'the checkpoint' if resume else cfg.init_from} ({model.config.vocab_size} tokens) "
-                f"is not the one of dataset '{cfg.dataset}' ({meta['vocab_size']} tokens): "
-                + ("resume on the dataset it was trained on" if resume else "prepare a dataset with the model's "
-                   "tokenizer: python prepare.py NAME --input=FILE --tokenizer=" +
-                   (model_meta.get('source') or 'data/<its dataset>' if model_meta['tokenizer'] == 'bpe'
-                    else model_meta['tokenizer'])))
-        if grows:
-            model.grow_vocab(padded_vocab_size(meta['vocab_size']))
-            if master:
-                print(f"vocabulary grown to {model.config.vocab_size:,} rows for the dataset's special tokens")
+        meta = fit_vocabulary(model, checkpoint, meta, cfg.dataset, 'the checkpoint' if resume else cfg.init_from,
+                              grow=not resume)
+        if model.config.vocab_size > rows and cfg.lora_rank > 0:
+            die(f"dataset '{cfg.dataset}' adds special tokens (a chat template's) that {cfg.init_from} lacks: with "
+                "LoRA their rows would stay frozen, alike, and the model could not tell them apart; fine-tune fully "
+                "(lora_rank=0), or start from a model whose tokenizer has them (a BPE trained by prepare.py)")
+        if model.config.vocab_size > rows and master:
+            print(f"vocabulary grown to {model.config.vocab_size:,} rows for the dataset's special tokens")
         if resume:
             iter_num, best_val_loss = checkpoint['iter_num'], float(checkpoint['best_val_loss'])
             check_resume(cfg, checkpoint, master)

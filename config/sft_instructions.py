@@ -14,21 +14,21 @@
 init_from = 'out-shakespeare-bpe-cpu'
 out_dir = 'out-sft-instructions'
 dataset = 'instructions'
-eval_interval = 50
+eval_interval = 100
 eval_iters = 10
 log_interval = 10
 always_save_checkpoint = False  # keep the best val loss: a model this small overfits 990 conversations
 
 # a micro-batch holds about batch_size * block_size tokens of whole conversations: ~20 of them here,
-# so ~50 steps go over the 990 training conversations once
+# so ~50 steps go over the 990 training conversations once, and 600 steps ~12 times
 batch_size = 4
 block_size = 256
 gradient_accumulation_steps = 1
-max_iters = 300
+max_iters = 600
 
-learning_rate = 5e-4
+learning_rate = 1e-3
 warmup_iters = 10
-lr_decay_iters = 300
+lr_decay_iters = 600
 min_lr = 5e-5
 dropout = 0.1
 

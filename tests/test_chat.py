@@ -84,13 +84,17 @@ def test_fit_prompt_drops_the_oldest_exchanges_whole():
     messages = [{'role': 'system', 'content': 'c'}] + [
         {'role': role, 'content': text} for text in ('aa', 'bb', 'cc') for role in ('user', 'assistant')][:-1]
     full, _ = tok.render(messages, open_reply=True)
-    assert tok.fit_prompt(messages, len(full)) == (full, 0)
-    ids, dropped = tok.fit_prompt(messages, len(full) - 1)
+    assert tok.fit_prompt(messages, len(full), 0) == (full, 0)
+    ids, dropped = tok.fit_prompt(messages, len(full) - 1, 0)
     assert dropped == 2 and ids == tok.render(messages[:1] + messages[3:], open_reply=True)[0]
-    ids, dropped = tok.fit_prompt(messages, 12)  # system (3) + last user (4) + open reply (1) + end of text
+    ids, dropped = tok.fit_prompt(messages, 12, 0)  # system (3) + last user (4) + open reply (1) + end of text
     assert dropped == 4 and ids == tok.render(messages[:1] + messages[5:], open_reply=True)[0]
-    with pytest.raises(ValueError, match='the last user message takes 9 tokens'):
-        tok.fit_prompt(messages + [{'role': 'assistant', 'content': 'a'}, {'role': 'user', 'content': 'abc'}], 8)
+    with pytest.raises(ValueError, match='the last user message takes 9 tokens .* more than the 8 the context'):
+        tok.fit_prompt(messages + [{'role': 'assistant', 'content': 'a'}, {'role': 'user', 'content': 'abc'}], 16, 8)
+    # the reply's room: at most half the context, so the prompt keeps at least the other half
+    assert tok.fit_prompt(messages, 2 * len(full), 1000) == (full, 0)
+    assert tok.fit_prompt(messages, len(full) + 5, 5) == (full, 0)
+    assert tok.fit_prompt(messages, len(full) + 5, 6)[1] == 2
 
 
 # -----------------------------------------------------------------------------
@@ -116,6 +120,22 @@ def test_prepare_writes_whole_conversations_and_their_masks(tmp_path):
         trained = tok.decode([i for i, m in zip(ids, mask) if m & 1])
         assert trained == ''.join(m['content'] + '<|assistant_end|>' for r in expected for m in r['messages']
                                   if m['role'] == 'assistant')
+
+
+def test_a_turn_with_weight_0_is_not_trained_on(tmp_path):
+    user, reply = {'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'skip me'}
+    records = [{'messages': [user, {**reply, 'weight': 0}, user, {'role': 'assistant', 'content': 'keep'}]}] * 2
+    records[1] = {'messages': records[1]['messages'] + [user, {**reply, 'weight': 1}]}
+    write_jsonl(tmp_path / 'w.jsonl', records)
+    data_dir = prepare('w_char', str(tmp_path / 'w.jsonl'), val_fraction=0.5, data_root=str(tmp_path / 'data'))
+    tok = Tokenizer(load_meta(data_dir))
+    for split, expected in (('val', 'keep<|assistant_end|>'), ('train', 'keep<|assistant_end|>skip me<|assistant_end|>')):
+        ids = np.fromfile(os.path.join(data_dir, f'{split}.bin'), dtype='uint16')
+        mask = np.fromfile(os.path.join(data_dir, f'{split}_mask.bin'), dtype=np.uint8)
+        assert tok.decode(ids[(mask & 1) == 1].tolist()) == expected
+    write_jsonl(tmp_path / 'bad.jsonl', [{'messages': [user, {**reply, 'weight': 0.5}]}])
+    with pytest.raises(SystemExit, match='bad.jsonl, line 1: a "weight" is neither 0'):
+        prepare('w_char', str(tmp_path / 'bad.jsonl'), data_root=str(tmp_path / 'data'))
 
 
 def test_alpaca_records_and_the_format_switch(tmp_path, small_text):
@@ -204,6 +224,20 @@ def test_chat_batches_and_their_loss_against_a_direct_computation(tmp_path):
         assert loss.item() == pytest.approx(nats / count, rel=1e-5)
 
 
+def test_a_batch_stays_near_its_token_budget_whatever_the_lengths(tmp_path):
+    """Many short conversations and a few long ones: a batch holds a conversation and shorter ones, so it is
+    never padded to a long one's length (only the very shortest make smaller batches: there are few shorter)."""
+    records = [{'messages': [{'role': 'user', 'content': f'ab{i}'}, {'role': 'assistant', 'content': 'b' * (1 + i % 7)}]}
+               for i in range(700)]
+    records += [{'messages': [{'role': 'user', 'content': 'a' * 300 + str(i)}, {'role': 'assistant', 'content': 'b'}]}
+                for i in range(10)]
+    write_jsonl(tmp_path / 'skewed.jsonl', records)
+    data_dir = prepare('s_char', str(tmp_path / 'skewed.jsonl'), data_root=str(tmp_path / 'data'))
+    conversations = open_split(data_dir, 'train', 'uint16', block_size=64)
+    sizes = [train.get_batch(conversations, 4, 64, train.batch_rng(0, step), 'cpu')[0].numel() for step in range(300)]
+    assert max(sizes) <= 4 * 64 and sorted(sizes)[len(sizes) // 10] >= 4 * 64 * 0.75, sorted(sizes)
+
+
 def test_the_mask_is_what_makes_the_answer_learnable(tmp_path):
     """Measured from outside: user turns of random characters and always the same answer; with the mask the
     train loss falls below 0.05 (the answer is certain), without it the random characters keep it high."""
@@ -263,6 +297,36 @@ def test_grow_vocab_adds_rows_at_the_mean_and_keeps_the_old_logits(tied):
     torch.testing.assert_close(head[10:], head[:10].mean(0).expand(3, -1))
     torch.testing.assert_close(model(idx, idx)[0][..., :10], before)
     assert model(torch.tensor([[12]]))[0].shape == (1, 1, 13)
+
+
+def test_lora_on_grown_chat_tokens_and_a_chat_model_trained_on_text(tmp_path, chat_model):
+    """LoRA would leave the grown rows frozen and alike: refused. A chat model trained further on plain text
+    keeps its chat tokens and template (the checkpoint records them), and so still chats."""
+    cwd = os.path.dirname(chat_model)
+    (tmp_path / 'plain.txt').write_text('the cat sat on a mat. ' * 400)
+    run('prepare.py', 'plain_char', f'--input={tmp_path / "plain.txt"}', f'--tokenizer={cwd}/data/chats', cwd=cwd)
+    out = run('train.py', f'--init_from={chat_model}', '--dataset=plain_char', '--out_dir=more-text', '--max_iters=2',
+              '--eval_interval=2', '--eval_iters=1', '--batch_size=2', '--block_size=32', '--device=cpu', cwd=cwd).stdout
+    assert 'step 2' in out
+    meta = load_checkpoint(os.path.join(cwd, 'more-text'))[1]['meta']
+    assert Tokenizer(meta).chat and set(CHAT_TOKENS) <= meta['special'].keys()
+    # a base without the chat tokens, with LoRA on a dataset that adds them
+    base = os.path.join(cwd, 'text-base')
+    run('train.py', '--dataset=plain_char', '--out_dir=text-base', '--n_layer=1', '--n_head=2', '--n_embd=16',
+        '--block_size=32', '--batch_size=2', '--max_iters=1', '--eval_interval=1', '--eval_iters=1', '--device=cpu',
+        cwd=cwd)
+    ckpt = torch.load(os.path.join(base, 'ckpt.pt'), weights_only=True)
+    ckpt['meta'] = {k: v for k, v in ckpt['meta'].items() if k not in ('special', 'chat_template')}
+    ckpt['meta']['vocab_size'] = ckpt['model_args']['vocab_size'] = ckpt['model_args']['vocab_size'] - 6
+    ckpt['model'] = {k: v[:-6] if k in ('transformer.wte.weight', 'lm_head.weight') else v
+                     for k, v in ckpt['model'].items()}
+    torch.save(ckpt, os.path.join(base, 'ckpt.pt'))
+    proc = run('train.py', '--init_from=text-base', '--dataset=chats', '--out_dir=lora', '--lora_rank=2',
+               '--block_size=32', '--device=cpu', cwd=cwd, check=False)
+    assert proc.returncode != 0 and 'with LoRA their rows would stay frozen' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    proc = run('eval.py', f'--out_dir={chat_model}', '--max_reply_tokens=0', cwd=cwd, check=False)
+    assert proc.returncode != 0 and 'need max_reply_tokens > 0' in proc.stderr and 'Traceback' not in proc.stderr
 
 
 # -----------------------------------------------------------------------------

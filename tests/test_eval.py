@@ -89,7 +89,7 @@ def test_bits_per_byte_of_a_text_file_with_a_hub_model(hub, tmp_path, monkeypatc
         {'tokenizer': 'char', 'vocab_size': 3, 'chars': ['a', 'b', 'c'], 'dtype': 'uint16'}))
     np.array([0, 1, 2] * 20, dtype=np.uint16).tofile(tmp_path / 'data' / 'chars' / 'val.bin')
     for args, message in [([], 'has no dataset of its own: pass --dataset=NAME'),
-                          (['--dataset=chars'], "dataset 'chars' is tokenized by char"),
+                          (['--dataset=chars'], "the vocabulary of tiny-gpt2 .50257 tokens. is not the one of dataset 'chars'"),
                           (['--dataset=chars', '--split=test'], "no split 'test' of dataset 'chars'"),
                           (['--input=text.txt', '--stride=64'], 'need 0 < stride <= block_size <= 32')]:
         with pytest.raises(SystemExit, match=message):

@@ -303,7 +303,7 @@ def test_a_client_leaving_mid_stream_frees_the_server(server):
     body = json.dumps({'prompt': 'The', 'max_tokens': 1024, 'stream': True}).encode()
     port = int(server.url.rsplit(':', 1)[1])
     with socket.create_connection(('127.0.0.1', port), timeout=10) as s:
-        s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+        s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n'
                   b'Content-Length: ' + str(len(body)).encode() + b'\r\n\r\n' + body)
         received = b''
         while b'data: ' not in received:  # the headers may come first, on their own
