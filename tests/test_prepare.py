@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import dataset
+import documents
 import prepare as prepare_module
 from conftest import ROOT, gpt2_bpe_available, run
 from dataset import GPT2_EOT, TokenShards, download, load_meta, open_split, token_dtype
@@ -161,12 +162,12 @@ def test_a_directory_of_documents_round_trips(tmp_path, small_text, capsys):
 def test_tokens_match_tiktoken_on_whole_documents_for_any_number_of_workers(tmp_path, small_text, monkeypatch):
     import tiktoken
     enc = tiktoken.get_encoding('gpt2')
-    monkeypatch.setattr(prepare_module, 'PIECE_CHARS', 2000)  # documents of many pieces, batches of many documents
+    monkeypatch.setattr(documents, 'PIECE_CHARS', 2000)  # documents of many pieces, batches of many documents
     rng = np.random.default_rng(0)
     docs = [small_text[a:a + n] for a, n in zip(rng.integers(0, 50_000, 40), rng.integers(10, 9000, 40))]
     docs += ['the text of <|endoftext|> is just text', 'x' * 5000 + '  \n\n  ' + 'word ' * 1000,
              '\n\n'.join(line + ' ' for line in small_text.split('\n')[:2000])]  # blank lines, lines ending in a space
-    assert max(len(piece) for piece in prepare_module.pieces([docs[-1]])) < 2000 + 20  # a document in many pieces
+    assert max(len(piece) for piece in documents.pieces([docs[-1]])) < 2000 + 20  # a document in many pieces
     (tmp_path / 'in.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
     outputs = []
     for workers in (1, 3):
@@ -185,8 +186,8 @@ def test_tokens_match_tiktoken_on_whole_documents_for_any_number_of_workers(tmp_
 def test_large_files_are_streamed_with_the_same_tokens(tmp_path, small_text, monkeypatch):
     import tiktoken
     enc = tiktoken.get_encoding('gpt2')
-    monkeypatch.setattr(prepare_module, 'PIECE_CHARS', 3000)
-    monkeypatch.setattr(prepare_module, 'LARGE_FILE', 10_000)  # bytes: files above it are read in chunks
+    monkeypatch.setattr(documents, 'PIECE_CHARS', 3000)
+    monkeypatch.setattr(documents, 'LARGE_FILE', 10_000)  # bytes: files above it are read in chunks
     (tmp_path / 'in').mkdir()
     docs = [small_text[:50_000], small_text[:5000], small_text[:50_000], small_text[5000:60_000]]  # one duplicate
     for i, doc in enumerate(docs):

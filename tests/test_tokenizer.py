@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import prepare as prepare_module
+import documents
 from conftest import gpt2_bpe_available, run
 from dataset import load_meta
 from checkpoint import load_model
@@ -114,13 +114,13 @@ def test_pieces_give_the_tokens_of_the_whole_text(monkeypatch, pattern):
     for pair in ('th', 'he', ' t', 'in', '12', '..', '\n\n', ' \n'):  # a few merges, so that tokens span characters
         ranks[pair.encode()] = len(ranks)
     enc = tiktoken.Encoding('fuzz', pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-    monkeypatch.setattr(prepare_module, 'PIECE_CHARS', 5)
+    monkeypatch.setattr(documents, 'PIECE_CHARS', 5)
     alphabet = ['a', 'b', 'Z', 'é', '東', '😀', '1', '2', '.', ',', "'", "'s", '_', ' ', '  ', '\n', '\n\n', '\t', ' \n',
                 '\u00a0', '\u3000', '\u2028', '\x0b', '\x1c', '-', '"']
     rng = random.Random(0)
     for _ in range(3000):
         text = ''.join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
-        pieces = list(prepare_module.pieces([text]))
+        pieces = list(documents.pieces([text]))
         assert ''.join(pieces) == text
         assert [t for p in pieces for t in enc.encode_ordinary(p)] == enc.encode_ordinary(text), (text, pieces)
 
