@@ -14,9 +14,9 @@ float32 generation that re-runs the whole context for every token (nanoGPT's gen
 for batch-1 decoding in dtype: the tokens/s if only the weights' matrix-vector products ran.
 init_from (as in train.py: gpt2, a Hub repository, a checkpoint) measures that model instead of a new
 one. With a chat dataset (--dataset=NAME, prepared from conversations), training is also measured on its
-conversations, counting real tokens only, next to a token stream. With lora_rank > 0, training is LoRA's against full fine-tuning, both in dtype, with the trainable
-parameters and the memory AdamW's state takes.
-The data is random tokens: speed does not depend on them.
+conversations, counting real tokens only, next to a token stream. With lora_rank > 0, training is LoRA's
+against full fine-tuning, both in dtype, with the trainable parameters and the memory AdamW's state takes.
+Otherwise the data is random tokens: speed does not depend on them.
 """
 
 import copy

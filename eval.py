@@ -111,7 +111,6 @@ def replies(model, tokenizer, conversations, n, max_reply_tokens, device='cpu'):
     conversations: the model's greedy reply to its last user turn. Any special token ends a reply."""
     model.eval()
     reply_start, reply_end = tokenizer.special['<|assistant_start|>'], tokenizer.special['<|assistant_end|>']
-    ends = set(tokenizer.special.values())
     for start, end in zip(conversations.starts[:n], conversations.ends[:n]):
         ids = conversations.tokens[start:end].astype(np.int64)
         prompt = ids[:np.flatnonzero(ids == reply_start)[-1] + 1]  # up to its last assistant turn's start
@@ -119,7 +118,7 @@ def replies(model, tokenizer, conversations, n, max_reply_tokens, device='cpu'):
         for token in model.generate_stream(torch.from_numpy(prompt)[None].to(device), max_reply_tokens,
                                            temperature=0, vocab_size=tokenizer.vocab_size):
             reply.append(token.item())
-            if reply[-1] in ends:
+            if reply[-1] in tokenizer.reply_ends:
                 break
         yield prompt, reply, reply[-1] == reply_end
 

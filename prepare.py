@@ -188,8 +188,7 @@ def encode_batch(batch):
             stats['bytes'] += len(item.encode())
             stats['tokens'] += len(ids[-1])
             stats['gpt2 tokens'] += len(worker_gpt2.encode_ordinary(item)) if worker_gpt2 else 0
-    dtype = worker_tokenizer.meta['dtype']
-    return batch[0][0], np.concatenate(ids).astype(dtype), np.concatenate(masks) if masks else None, stats
+    return batch[0][0], np.concatenate(ids).astype(tok.meta['dtype']), np.concatenate(masks) if masks else None, stats
 
 
 def ordered_map(pool, fn, items, window):
@@ -223,7 +222,8 @@ def choose_tokenizer(spec, files, chat, chars, documents, vocab_size):
         meta = {k: v for k, v in load_meta(spec).items() if k not in ('chat_template', 'dtype')}
         Tokenizer(meta, f"{spec}/meta.json")  # a damaged one stops here
         if meta['tokenizer'] == 'char':
-            missing = ''.join(sorted(set(characters(files, chat)[0]) - set(meta['chars'])))
+            used = chars if chars is not None else characters(files, chat)[0]  # counted already for one text
+            missing = ''.join(sorted(set(used) - set(meta['chars'])))
             if missing:
                 die(f"the text has characters that {spec}'s vocabulary lacks: {missing!r}; remove them, or prepare "
                     "with a vocabulary of its own (--tokenizer=char)")

@@ -111,7 +111,7 @@ def chat_loop(cfg, model, tokenizer, device):
             print(f"(the {dropped} oldest messages no longer fit the context: dropped)", flush=True)
         reply = ''
         try:
-            for _, text, _, _ in complete(model, tokenizer, device, ids, req, end_ids=set(tokenizer.special.values())):
+            for _, text, _, _ in complete(model, tokenizer, device, ids, req, end_ids=tokenizer.reply_ends):
                 print(text, end='', flush=True)
                 reply += text
         except KeyboardInterrupt:  # Ctrl-C during a reply stops it; the conversation goes on

@@ -85,6 +85,7 @@ class Tokenizer:
             die(f"{where} is damaged ({type(e).__name__}: {e}): prepare the dataset again, or use another checkpoint")
         self.eot = self.special.get(EOT, meta.get('eot'))  # ends a text; None for characters
         self.names = {i: name for name, i in self.special.items()}
+        self.reply_ends = set(self.special.values())  # a reply ends at any of them: it can't hold another turn
         self.chat = 'chat_template' in meta  # fine-tuned on conversations (a BPE has the tokens from the start)
 
     def encode(self, text):

@@ -181,7 +181,7 @@ def test_the_server_costs_little_against_sample_loop(chat_server, chat_model):
     ratios = []
     for _ in range(3):  # the best of three of each: a shared machine's hiccups hit one or the other
         t0 = time.perf_counter()
-        assert sum(event[3] > 0 for event in complete(model, tok, 'cpu', ids, req, set(tok.special.values()))) == n
+        assert sum(event[3] > 0 for event in complete(model, tok, 'cpu', ids, req, tok.reply_ends)) == n
         loop = n / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         r = chat(chat_server, messages=messages, temperature=0, max_tokens=n)
