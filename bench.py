@@ -31,7 +31,7 @@ from torch import nn
 
 import train
 from common import autocast_context, load_config, measure_peak_flops, pick_device, pick_dtype, synchronize
-from checkpoint import load_model
+from checkpoint import load_model, lora_settings
 from model import GPT, add_lora, merge_lora
 from dataset import load_meta, open_split
 
@@ -60,7 +60,7 @@ def train_speed(cfg, model, device, dtype, use_compile, lora_rank=0, data=None):
     padding) or random tokens."""
     model = model.to(device)
     if lora_rank > 0:
-        add_lora(model, lora_rank, cfg.lora_alpha, cfg.lora_dropout, train.lora_settings(cfg)['targets'])
+        add_lora(model, lora_rank, cfg.lora_alpha, cfg.lora_dropout, lora_settings(cfg)['targets'])
     optimizers = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                             device.split(':')[0], cfg.muon_lr if cfg.optimizer == 'muon' else 0.0)
     step_model = torch.compile(model) if use_compile else model

@@ -5,6 +5,7 @@ never loses the last one.
 
     model, checkpoint = load_model(init_from, out_dir)   # 'resume', a checkpoint file or out_dir, or a Hub repo
     save_checkpoint(checkpoint, path)                      # atomic: the old file or the new one
+    check_resume(cfg, checkpoint, master)                  # a resumed run keeps the model's shape (and LoRA's)
 
 A checkpoint is a dict: 'model' (the state dict; with LoRA only the adapters, and 'lora' names their base),
 'model_args' (GPTConfig's fields), 'config' (train.py's keys), 'meta' (the tokenizer: tokenizer.py),
@@ -21,6 +22,36 @@ from common import die
 from dataset import GPT2_META, GPT2_VOCAB_SIZE, token_dtype
 from model import GPT, GPTConfig, add_lora, merge_lora, padded_vocab_size
 from tokenizer import compatible, hub_tokenizer, special_tokens
+
+
+# the model's shape: what a resumed run may not change (dropout may; the vocabulary comes from the data)
+MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name not in ('dropout', 'vocab_size'))
+
+
+def check_resume(cfg, checkpoint, master):
+    """A resumed run keeps the model's shape; training keys may change, and the change is logged."""
+    model_args, saved = checkpoint['model_args'], checkpoint.get('config', {})
+    for key in MODEL_KEYS:
+        saved_value = model_args.get(key, getattr(GPTConfig, key))  # older checkpoints: the default
+        if getattr(cfg, key) != saved_value:
+            die(f"the checkpoint in {cfg.out_dir} has {key}={saved_value!r}, this run asks for "
+                f"{key}={getattr(cfg, key)!r}: resume with the run's own config (or --{key}={saved_value!r}), "
+                "or start from scratch in another out_dir")
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in vars(cfg).items()
+               if k in saved and saved[k] != v and k not in ('init_from', 'eval_only')]
+    if changed and master:
+        print(f"changed since the checkpoint: {', '.join(changed)}")
+    saved_lora, lora = checkpoint.get('lora') or {'rank': 0}, lora_settings(cfg)
+    for key in ('rank', 'alpha', 'targets'):  # the adapters' shape (and scale) is part of the model's
+        if (saved_lora['rank'] or lora['rank']) and saved_lora.get(key) != lora[key]:
+            die(f"the checkpoint in {cfg.out_dir} has lora_{key}={saved_lora.get(key)!r}, this run asks for "
+                f"{lora[key]!r}: resume with the run's own config, or fine-tune from it in another out_dir")
+
+
+def lora_settings(cfg, base=None):
+    """The LoRA keys as a LoRA checkpoint stores them, with the model the adapters belong to."""
+    return {'rank': cfg.lora_rank, 'alpha': cfg.lora_alpha, 'dropout': cfg.lora_dropout,
+            'targets': [t.strip() for t in cfg.lora_targets.split(',') if t.strip()], 'base': base}
 
 
 def save_checkpoint(checkpoint, path):
@@ -87,8 +118,7 @@ def from_pretrained(repo, device='cpu', dropout=0.0):
     if config.get('model_type') != 'gpt2' or not {'n_layer', 'n_head', 'n_embd', 'vocab_size'} <= config.keys():
         die(f"{repo} is a '{config.get('model_type')}' model: only the GPT-2 architecture (model_type gpt2) loads")
     n_embd = config['n_embd']
-    # settings this model does not have; GPT-2's own GELU (gelu_new) is the tanh approximation of ours, as
-    # in nanoGPT: the logits differ by about 1e-3
+    # settings this model does not have (GPT-2's own GELU, gelu_new, is the tanh approximation: it is used)
     unlike_ours = {'n_inner': (None, 4 * n_embd), 'activation_function': ('gelu_new', 'gelu', 'gelu_pytorch_tanh'),
                    'scale_attn_by_inverse_layer_idx': (False,), 'add_cross_attention': (False,),
                    'tie_word_embeddings': (True,)}
@@ -104,7 +134,8 @@ def from_pretrained(repo, device='cpu', dropout=0.0):
     if meta['vocab_size'] > config['vocab_size']:
         die(f"{repo}'s tokenizer.json has ids up to {meta['vocab_size'] - 1}, past its {config['vocab_size']} embeddings")
     model_args = dict(n_layer=config['n_layer'], n_head=config['n_head'], n_embd=n_embd, bias=True, dropout=dropout,
-                      block_size=config.get('n_positions', config.get('n_ctx')), vocab_size=config['vocab_size'])
+                      block_size=config.get('n_positions', config.get('n_ctx')), vocab_size=config['vocab_size'],
+                      activation='gelu' if config.get('activation_function') == 'gelu' else 'gelu_tanh')
     model = GPT(GPTConfig(**model_args))
 
     state_dict, conv1d = {}, ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
@@ -158,6 +189,10 @@ def load_checkpoint(path, device='cpu', dropout=None, lora_dropout=None):
             model.crop_block_size(model_args['block_size'])
         if model.config.vocab_size < model_args['vocab_size']:  # grown for a chat template: frozen at the mean
             model.grow_vocab(model_args['vocab_size'])
+        activation = model_args.get('activation', 'gelu')
+        if {activation, model.config.activation} == {'gelu', 'gelu_tanh'}:  # adapters of a Hub model, trained
+            for block in model.transformer.h:  # before it had its own GELU (or after), keep the one they learned with
+                block.mlp.activation = model.config.activation = activation
         if asdict(model.config) != {**asdict(GPTConfig()), **model_args}:
             die(f"{path} holds LoRA adapters for a base '{lora['base']}' of another shape than the one found "
                 f"there now: point the checkpoint's base at the model it was trained on")

@@ -6,6 +6,7 @@ per byte (GPT-2 BPE), which compare across tokenizers.
     python eval.py --init_from=gpt2 --dataset=shakespeare           # GPT-2 from the Hub on a prepared dataset
     python eval.py --init_from=gpt2 --input=notes.txt               # on any UTF-8 text file
     python eval.py --out_dir=out-sft --show=3                       # a chat model on its conversations' val split
+    python eval.py --init_from=gpt2 --task=hellaswag_val.jsonl --limit=500   # a task: multiple choice or generation
 
 Every token but the first is predicted once, from the tokens before it in its window. Windows of
 block_size tokens start every `stride` tokens, and each scores only the tokens no earlier window did:
@@ -18,13 +19,19 @@ random, so a model and a text always give the same figures.
 On a chat dataset (prepare.py's conversations) each conversation is scored from its first token, on the
 tokens training predicts (the assistant's), and the stop rate is measured: the model replies greedily to
 each conversation's last user turn, and a reply that ends with the assistant's end token within
-max_reply_tokens has stopped. A base model, whose vocabulary lacks the chat tokens, gets them as
+max_new_tokens has stopped. A base model, whose vocabulary lacks the chat tokens, gets them as
 fine-tuning would give them (grow_vocab), so its figures are those fine-tuning starts from.
+
+With --task=FILE.jsonl it scores a task instead: multiple-choice accuracy (acc, acc_norm) or generated
+answers (exact match, F1, BLEU, ROUGE-L, stop rate); tasks.py says how. --output=FILE.json writes the
+figures with each record's scores.
 """
 
+import json
 import math
 import os
 import sys
+import time
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -35,6 +42,7 @@ from common import autocast_context, die, load_config, pick_device, pick_dtype
 from checkpoint import fit_vocabulary, load_model
 from model import merge_lora
 from dataset import Conversations, checkpoint_meta, load_meta, open_split
+from tasks import read_task, run_task
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -52,8 +60,12 @@ dtype = 'float32'  # float32, unlike training: the figures should not depend on 
 # chat datasets
 conversations = 0  # score only the first N conversations of the split (0: all)
 stop_rate = True  # also reply to each conversation's last user turn and count the replies that end themselves
-max_reply_tokens = 256  # a reply that has not ended after this many tokens has not stopped
 show = 0  # print the first `show` prompts with the model's replies
+max_new_tokens = 256  # a reply (or a task's generated answer) that has not ended after this many tokens has not stopped
+# tasks (tasks.py)
+task = ''  # a task file (.jsonl) to score instead of text: multiple choice, or generation
+limit = 0  # score only its first N records (0: all)
+output = ''  # write the results, with each record's scores, to this .json file
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
@@ -106,7 +118,7 @@ def evaluate_conversations(model, conversations, n, batch_size=1, device='cpu', 
 
 
 @torch.no_grad()
-def replies(model, tokenizer, conversations, n, max_reply_tokens, device='cpu'):
+def replies(model, tokenizer, conversations, n, max_new_tokens, device='cpu'):
     """(prompt ids, reply ids, whether it ended with the assistant's end token) for each of the first n
     conversations: the model's greedy reply to its last user turn. Any special token ends a reply."""
     model.eval()
@@ -115,7 +127,7 @@ def replies(model, tokenizer, conversations, n, max_reply_tokens, device='cpu'):
         ids = conversations.tokens[start:end].astype(np.int64)
         prompt = ids[:np.flatnonzero(ids == reply_start)[-1] + 1]  # up to its last assistant turn's start
         reply = []
-        for token in model.generate_stream(torch.from_numpy(prompt)[None].to(device), max_reply_tokens,
+        for token in model.generate_stream(torch.from_numpy(prompt)[None].to(device), max_new_tokens,
                                            temperature=0, vocab_size=tokenizer.vocab_size):
             reply.append(token.item())
             if reply[-1] in tokenizer.reply_ends:
@@ -157,15 +169,30 @@ def chat_results(cfg, model, name, conversations, tokenizer, device, ctx):
             f"perplexity {results['perplexity']:.3f}")
     if cfg.stop_rate:
         stopped = 0
-        for k, (prompt, reply, ended) in enumerate(replies(model, tokenizer, conversations, n, cfg.max_reply_tokens,
+        for k, (prompt, reply, ended) in enumerate(replies(model, tokenizer, conversations, n, cfg.max_new_tokens,
                                                            device)):
             stopped += ended
             if k < cfg.show:
                 print(f"--- prompt: {tokenizer.decode(prompt.tolist())}\n--- reply "
                       f"({'ended' if ended else 'did not end'}): {tokenizer.decode(reply[:-1] if ended else reply)}")
         results['stop_rate'] = stopped / n
-        line += f" | stop rate {stopped}/{n} = {stopped / n:.1%} (replies ended within {cfg.max_reply_tokens} tokens)"
+        line += f" | stop rate {stopped}/{n} = {stopped / n:.1%} (replies ended within {cfg.max_new_tokens} tokens)"
     print(line)
+    return results
+
+
+def task_results(cfg, model, tokenizer, device, ctx):
+    """eval.py --task: a multiple-choice or generation task's figures (tasks.py), and with --output each record's."""
+    task, t0 = read_task(cfg.task), time.time()
+    results, rows, line = run_task(model, tokenizer, task, cfg.limit, cfg.max_new_tokens, device, ctx)
+    print(f"{line} | {time.time() - t0:.1f} s")
+    if cfg.output:
+        try:
+            with open(cfg.output, 'w') as f:
+                json.dump({'task': cfg.task, 'model': cfg.init_from if cfg.init_from != 'resume' else cfg.out_dir,
+                           'results': results, 'records': rows}, f, indent=1)
+        except OSError as e:
+            die(f"cannot write {cfg.output} ({e.strerror or e}): pass another --output")
     return results
 
 
@@ -180,10 +207,12 @@ def main(argv):
     if not 0 < block_size <= model.config.block_size or not 0 < stride <= block_size or cfg.batch_size <= 0:
         die(f"need 0 < stride <= block_size <= {model.config.block_size} (the model's) and batch_size > 0, got "
             f"stride {stride}, block_size {block_size}, batch_size {cfg.batch_size}")
-    if cfg.max_reply_tokens <= 0 or cfg.conversations < 0 or cfg.show < 0:
-        die(f"need max_reply_tokens > 0, conversations >= 0 (0: all) and show >= 0, got {cfg.max_reply_tokens}, "
-            f"{cfg.conversations}, {cfg.show}")
+    if cfg.max_new_tokens <= 0 or cfg.conversations < 0 or cfg.show < 0 or cfg.limit < 0:
+        die(f"need max_new_tokens > 0, and conversations, limit and show >= 0 (0: all), got {cfg.max_new_tokens}, "
+            f"{cfg.conversations}, {cfg.limit}, {cfg.show}")
     meta = checkpoint_meta(checkpoint)
+    if cfg.task:
+        return task_results(cfg, model, Tokenizer(meta, f"{cfg.init_from}'s tokenizer"), device, ctx)
     name, ids, tokenizer = read_tokens(cfg, checkpoint, model, meta, block_size)
     if isinstance(ids, Conversations):
         return chat_results(cfg, model, name, ids, tokenizer, device, ctx)

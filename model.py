@@ -43,6 +43,11 @@ class KVCache:
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def repeat(self, n):
+        """One cached row (a prompt) continued n ways: each layer's keys and values copied to n rows."""
+        self.k = [k.expand(n, -1, -1, -1).contiguous() for k in self.k]
+        self.v = [v.expand(n, -1, -1, -1).contiguous() for v in self.v]
+
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and names), except that a single row on CPU, as in batch-1 decoding,
@@ -50,7 +55,7 @@ class Linear(nn.Linear):
     without, where dtype auto is float32, the two are equal in float32)."""
 
     def forward(self, x):
-        if x.numel() != self.in_features or x.device.type != 'cpu':
+        if x.numel() != self.in_features or x.device.type != 'cpu' or x.dtype != self.weight.dtype:  # (autocast: linear)
             return F.linear(x, self.weight, self.bias)
         y = torch.mv(self.weight, x.reshape(-1))
         y = y if self.bias is None else y + self.bias
@@ -132,11 +137,14 @@ class MLP(nn.Module):
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.relu2 = config.activation == 'relu2'
+        self.activation = config.activation
 
     def forward(self, x):
         x = self.c_fc(x)
-        x = F.relu(x).square() if self.relu2 else F.gelu(x)  # ReLU squared: cheaper, and trains faster
+        if self.activation == 'relu2':
+            x = F.relu(x).square()  # ReLU squared: cheaper, and trains faster
+        else:  # GPT-2's own GELU (gelu_new) is the tanh approximation; ours by default is exact
+            x = F.gelu(x, approximate='tanh' if self.activation == 'gelu_tanh' else 'none')
         return self.dropout(self.c_proj(x))
 
 
@@ -169,7 +177,7 @@ class GPTConfig:
     rope_base: float = 10000.0  # the rotation frequencies are rope_base ** (-2i / head_size)
     norm: str = 'layernorm'  # 'layernorm' (GPT-2) or 'rmsnorm'
     qk_norm: bool = False  # normalise each head's queries and keys (with the norm above, unweighted)
-    activation: str = 'gelu'  # 'gelu' (GPT-2) or 'relu2' (ReLU squared)
+    activation: str = 'gelu'  # 'gelu' (exact, as nanoGPT), 'gelu_tanh' (GPT-2's own, from the Hub) or 'relu2' (ReLU squared)
     tie_embeddings: bool = True  # the output head is the token embedding matrix, as GPT-2
     logit_softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap), smoothly bounded
     zero_init: bool = False  # the projections into the residual stream (and an untied head) start at zero

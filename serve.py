@@ -12,6 +12,11 @@ model and GET /health says it is up; both say whether it chats. Requests are han
 generation runs in the main thread, one request at a time, so outputs never mix and a seed gives the same
 text every time. The n completions of a request are one batch through the KV-cached generate_stream.
 
+For evaluation harnesses (lm-evaluation-harness's local-completions), /v1/completions also takes OpenAI's
+legacy logprobs (0..5) and echo, max_tokens 0 with echo, and a list of prompts (n completions each, in
+order); GET /tokenizer_info, POST /tokenize and POST /detokenize are vLLM's, so that a harness tokenizes
+with the served model's own tokenizer.
+
 A completion also stops, with finish_reason 'stop', at the tokenizer's end of text (GPT-2's
 <|endoftext|>). Choices where OpenAI's API leaves room: an empty prompt is a 400 (sample.py refuses one
 too); a prompt longer than block_size is not refused: the model sees its last block_size tokens, as in
@@ -39,6 +44,8 @@ from tokenizer import ROLES
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'chat.html')  # the chat page, GET /
 
 MAX_N = 16  # completions per request: n samples are one batch, so memory and time grow with n
+MAX_PROMPTS = 64  # prompts per completions request, generated one after another
+MAX_LOGPROBS = 5  # alternatives per token in a completion's logprobs, as OpenAI
 MAX_STOPS = 4  # stop sequences per request, as OpenAI
 MAX_BODY = 1 << 20  # bytes of JSON a request may send
 LOOPBACK = ('127.0.0.1', 'localhost', '::1')
@@ -50,9 +57,10 @@ class BadRequest(Exception):
         self.param = param
 
 
-def parse_settings(body, max_tokens_cap, default_max_tokens):
+def parse_settings(body, max_tokens_cap, default_max_tokens, min_tokens=1):
     """The sampling settings of a request (parsed JSON) or BadRequest. Defaults are OpenAI's; top_k is ours
-    (0: off). Unknown fields are ignored, and null means the default, as OpenAI's clients send it for unset fields."""
+    (0: off). Unknown fields are ignored, and null means the default, as OpenAI's clients send it for unset fields.
+    min_tokens: 0 where a request may generate nothing (a completion that echoes its prompt)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
 
@@ -65,11 +73,11 @@ def parse_settings(body, max_tokens_cap, default_max_tokens):
         return value
 
     number = (int, float)
-    max_tokens = field('max_tokens', int, default_max_tokens, lambda v: 1 <= v <= max_tokens_cap,
-                       f"an integer in 1..{max_tokens_cap}")
+    max_tokens = field('max_tokens', int, default_max_tokens, lambda v: min_tokens <= v <= max_tokens_cap,
+                       f"an integer in {min_tokens}..{max_tokens_cap}")
     req = dict(
-        max_tokens=field('max_completion_tokens', int, max_tokens, lambda v: 1 <= v <= max_tokens_cap,
-                         f"an integer in 1..{max_tokens_cap}"),  # the chat API's newer name for it
+        max_tokens=field('max_completion_tokens', int, max_tokens, lambda v: min_tokens <= v <= max_tokens_cap,
+                         f"an integer in {min_tokens}..{max_tokens_cap}"),  # the chat API's newer name for it
         temperature=field('temperature', number, 1.0, lambda v: 0 <= v < float('inf'), "a number >= 0"),
         top_p=field('top_p', number, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]"),
         top_k=field('top_k', int, 0, lambda v: v >= 0, "an integer >= 0 (0: off)"),
@@ -86,24 +94,46 @@ def parse_settings(body, max_tokens_cap, default_max_tokens):
     return req
 
 
-def parse_request(body, encode, vocab_size, max_tokens_cap):
-    """Check a completions request (parsed JSON) -> (prompt token ids, dict of settings) or raise BadRequest."""
-    req = parse_settings(body, max_tokens_cap, default_max_tokens=16)
-    prompt = body.get('prompt')
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one prompt
-    if isinstance(prompt, str):
-        try:
-            ids = encode(prompt)
-        except SystemExit as e:  # the tokenizer's one-line error: a character outside a char vocabulary
-            raise BadRequest(str(e).removeprefix('error: '), 'prompt')
-    elif isinstance(prompt, list) and all(type(t) is int and 0 <= t < vocab_size for t in prompt):
-        ids = prompt
-    else:
-        raise BadRequest(f"'prompt' must be a string, or a list of token ids in 0..{vocab_size - 1}", 'prompt')
-    if not ids:
-        raise BadRequest("'prompt' is empty: give at least one token (a newline, say)", 'prompt')
-    return ids, req
+def parse_request(body, encode, vocab_size, max_tokens_cap, block_size):
+    """Check a completions request (parsed JSON) -> (prompts: lists of token ids, dict of settings) or raise
+    BadRequest. A prompt is a string or a list of token ids, or a list of several such prompts: n completions
+    each, in order. logprobs (0..5) and echo are OpenAI's legacy fields: the log-probabilities of the tokens
+    (with echo, the prompt's too, and its text before the completion's; with max_tokens 0, nothing generated)."""
+    echo = body.get('echo') if isinstance(body, dict) else None
+    if echo is not None and not isinstance(echo, bool):
+        raise BadRequest(f"'echo' must be true or false, got {json.dumps(echo)}", 'echo')
+    req = parse_settings(body, max_tokens_cap, default_max_tokens=16, min_tokens=0 if echo else 1)
+    logprobs = body.get('logprobs')
+    if logprobs is not None and (type(logprobs) is not int or not 0 <= logprobs <= MAX_LOGPROBS):
+        raise BadRequest(f"'logprobs' must be an integer in 0..{MAX_LOGPROBS}, got {json.dumps(logprobs)}", 'logprobs')
+    req['logprobs'], req['echo'] = logprobs, bool(echo)
+    if (logprobs is not None or echo) and req['stream']:
+        raise BadRequest("logprobs and echo are answered whole here: set stream to false", 'stream')
+    prompts = body.get('prompt')
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and all(type(t) is int for t in prompts)):
+        prompts = [prompts]  # one prompt: text, or token ids
+    if not isinstance(prompts, list) or not 1 <= len(prompts) <= MAX_PROMPTS:
+        raise BadRequest(f"'prompt' must be a string, a list of token ids, or a list of up to {MAX_PROMPTS} of "
+                         "those", 'prompt')
+    all_ids = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            try:
+                ids = encode(prompt)
+            except SystemExit as e:  # the tokenizer's one-line error: a character outside a char vocabulary
+                raise BadRequest(str(e).removeprefix('error: '), 'prompt')
+        elif isinstance(prompt, list) and all(type(t) is int and 0 <= t < vocab_size for t in prompt):
+            ids = prompt
+        else:
+            raise BadRequest(f"'prompt' must be a string, or a list of token ids in 0..{vocab_size - 1} (or a list "
+                             "of those)", 'prompt')
+        if not ids:
+            raise BadRequest("'prompt' is empty: give at least one token (a newline, say)", 'prompt')
+        if logprobs is not None and len(ids) + req['max_tokens'] > block_size + 1:
+            raise BadRequest(f"with logprobs, a prompt ({len(ids)} tokens) and max_tokens ({req['max_tokens']}) must "
+                             f"fit the model's context of {block_size} tokens (plus the last one generated)", 'prompt')
+        all_ids.append(ids)
+    return all_ids, req
 
 
 def parse_chat_request(body, tokenizer, block_size, max_tokens_cap):
@@ -135,6 +165,24 @@ def parse_chat_request(body, tokenizer, block_size, max_tokens_cap):
     return ids, req, dropped
 
 
+def tokenize(body, path, tokenizer, block_size):
+    """vLLM's POST /tokenize {prompt} -> {tokens} and /detokenize {tokens} -> {prompt}: with GET /tokenizer_info,
+    they let lm-evaluation-harness use the served model's own tokenizer, whatever it is."""
+    if path == '/tokenize':
+        prompt = body.get('prompt') if isinstance(body, dict) else None
+        if not isinstance(prompt, str):
+            raise BadRequest("'prompt' must be a string", 'prompt')
+        try:
+            ids = tokenizer.encode_special(prompt)
+        except SystemExit as e:  # a character outside a char vocabulary
+            raise BadRequest(str(e).removeprefix('error: '), 'prompt')
+        return {'tokens': ids, 'count': len(ids), 'max_model_len': block_size}
+    tokens = body.get('tokens') if isinstance(body, dict) else None
+    if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < tokenizer.vocab_size for t in tokens):
+        raise BadRequest(f"'tokens' must be a list of token ids in 0..{tokenizer.vocab_size - 1}", 'tokens')
+    return {'prompt': tokenizer.decode(tokens)}
+
+
 def held_back(text, stops):
     """Length of the longest end of text that could be the start of a stop sequence: not sent yet."""
     for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
@@ -143,11 +191,12 @@ def held_back(text, stops):
     return 0
 
 
-def complete(model, tokenizer, device, ids, req, end_ids=None):
+def complete(model, tokenizer, device, ids, req, end_ids=None, generated=None):
     """Generate the request's n completions as one batch; yield (index, new text, finish_reason, tokens).
 
     finish_reason is None until a sample ends ('stop' or 'length'), tokens is how many it has generated.
     A sample also stops at a token of end_ids (default: the end of text), which is not part of its text.
+    generated, a list, receives each sample's token ids (an end token included), for their logprobs.
     Only one runs at a time (generation_loop): seeding the global RNG here makes the seed alone decide the text.
     """
     end_ids = {tokenizer.eot} if end_ids is None else end_ids
@@ -166,9 +215,13 @@ def complete(model, tokenizer, device, ids, req, end_ids=None):
                 continue  # a stopped sample rides along in the batch until all have stopped
             if token in end_ids:  # the model ended its text (GPT-2's <|endoftext|>): a stop, as in OpenAI's API
                 done[i] = True
+                if generated is not None:
+                    generated[i].append(token)
                 yield i, tokenizer.decode(new_ids[i])[sent[i]:], 'stop', len(new_ids[i]) + 1
                 continue
             new_ids[i].append(token)
+            if generated is not None:
+                generated[i].append(token)
             text = tokenizer.decode(new_ids[i])
             if text.endswith('\ufffd') and not last:
                 continue  # wait for the rest of a character split across tokens
@@ -184,6 +237,33 @@ def complete(model, tokenizer, device, ids, req, end_ids=None):
                 sent[i] = end
         if all(done):
             return  # stops generate_stream
+
+
+@torch.no_grad()
+def token_logprobs(model, tokenizer, rows, start, top, device):
+    """OpenAI's legacy logprobs of each row of token ids (at most block_size + 1 of them) from position start
+    on: {tokens, token_logprobs, top_logprobs (the `top` likeliest tokens, likeliest first), text_offset}.
+    A row's first token has no log-probability (null): nothing comes before it. Probabilities are over the
+    tokenizer's ids, as sampling draws them; offsets count characters from the start of the row's text."""
+    width = max(map(len, rows))
+    x = torch.zeros(len(rows), max(width - 1, 1), dtype=torch.long)
+    y = torch.full_like(x, -1)
+    for r, ids in enumerate(rows):
+        x[r, :len(ids) - 1], y[r, :len(ids) - 1] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+    logits, _ = model(x.to(device), y.to(device))  # (rows, width - 1, vocab): the next token's, at every position
+    logprobs = torch.log_softmax(logits[..., :tokenizer.vocab_size].float(), dim=-1).cpu()
+    chosen = logprobs.gather(-1, y.clamp(min=0)[..., None])[..., 0]  # (rows, width - 1)
+    alternatives = logprobs.topk(top, dim=-1) if top else None
+    out = []
+    for r, ids in enumerate(rows):
+        n = len(ids) - 1
+        tops = [None] + ([{tokenizer.decode([i]): v for i, v in zip(indices, values)} for indices, values in
+                          zip(alternatives.indices[r, :n].tolist(), alternatives.values[r, :n].tolist())]
+                         if top else [{} for _ in range(n)])
+        out.append({'tokens': [tokenizer.decode([i]) for i in ids[start:]],
+                    'token_logprobs': ([None] + chosen[r, :n].tolist())[start:], 'top_logprobs': tops[start:],
+                    'text_offset': [len(tokenizer.decode(ids[:j])) for j in range(start, len(ids))]})
+    return out
 
 
 class CompletionServer(ThreadingHTTPServer):
@@ -236,6 +316,10 @@ class CompletionHandler(BaseHTTPRequestHandler):
             model = {'id': app.name, 'object': 'model', 'created': app.created, 'owned_by': 'gptforge',
                      'chat': app.tokenizer.chat}
             self.send_json(200, {'object': 'list', 'data': [model]})
+        elif path == '/tokenizer_info':  # vLLM's: lm-evaluation-harness finds the model's tokenizer here
+            self.send_json(200, {'eos_token': app.tokenizer.names.get(app.tokenizer.eot), 'bos_token': None,
+                                 'pad_token': None, 'tokenizer': app.tokenizer.kind,
+                                 'vocab_size': app.tokenizer.vocab_size, 'max_model_len': app.model.config.block_size})
         elif path == '/health':
             self.send_json(200, {'status': 'ok', 'model': app.name, 'chat': app.tokenizer.chat})
         else:
@@ -245,9 +329,9 @@ class CompletionHandler(BaseHTTPRequestHandler):
         app, path = self.server.app, urlsplit(self.path).path.rstrip('/')
         if self.foreign_host():
             return
-        if path not in ('/v1/completions', '/v1/chat/completions'):
-            return self.send_error_json(404, f"no such path: POST {self.path} (try /v1/completions or "
-                                        "/v1/chat/completions)", 'not_found_error')
+        if path not in ('/v1/completions', '/v1/chat/completions', '/tokenize', '/detokenize'):
+            return self.send_error_json(404, f"no such path: POST {self.path} (try /v1/completions, "
+                                        "/v1/chat/completions, /tokenize or /detokenize)", 'not_found_error')
         chat, dropped = path == '/v1/chat/completions', 0
         try:  # JSON only: a page elsewhere can't send that here without the browser asking first (CORS)
             if self.headers.get_content_type() != 'application/json':
@@ -259,16 +343,21 @@ class CompletionHandler(BaseHTTPRequestHandler):
                 body = json.loads(self.rfile.read(int(length)))
             except ValueError as e:
                 raise BadRequest(f"the body is not valid JSON: {e}")
+            if path in ('/tokenize', '/detokenize'):
+                return self.send_json(200, tokenize(body, path, app.tokenizer, app.model.config.block_size))
             if chat:
                 ids, req, dropped = parse_chat_request(body, app.tokenizer, app.model.config.block_size,
                                                        app.max_tokens_cap)
+                prompts = [ids]
             else:
-                ids, req = parse_request(body, app.tokenizer.encode, app.tokenizer.vocab_size, app.max_tokens_cap)
+                prompts, req = parse_request(body, app.tokenizer.encode, app.tokenizer.vocab_size, app.max_tokens_cap,
+                                             app.model.config.block_size)
         except BadRequest as e:
             return self.send_error_json(400, str(e), param=e.param)
 
         end_ids = app.tokenizer.reply_ends if chat else None  # the assistant's end, normally
-        job = SimpleNamespace(ids=ids, req=req, end_ids=end_ids, events=queue.Queue(), cancelled=False, error=None)
+        job = SimpleNamespace(prompts=prompts, req=req, end_ids=end_ids, events=queue.Queue(), cancelled=False,
+                              error=None, logprobs={})
         app.jobs.put(job)  # generated by the main thread (generation_loop), which passes the events back
         head = {'id': f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                 'object': 'chat.completion' if chat else 'text_completion', 'created': int(time.time()),
@@ -282,14 +371,16 @@ class CompletionHandler(BaseHTTPRequestHandler):
             self.log_message('"%s" client went away mid-response', self.requestline)
 
     def answer(self, job, head, chat, headers):
-        n = job.req['n']
+        n = len(job.prompts) * job.req['n']  # choice p * n + i: prompt p's i-th completion
         texts, finish, tokens = [''] * n, [None] * n, [0] * n
+        if job.req.get('echo'):
+            texts = [self.server.app.tokenizer.decode(job.prompts[i // job.req['n']]) for i in range(n)]
         for i, text, finish_reason, n_tokens in iter(job.events.get, None):
             texts[i], finish[i], tokens[i] = texts[i] + text, finish_reason, n_tokens
         if job.error:
             return self.send_error_json(500, job.error, 'server_error')
         choices = [{'index': i, **({'message': {'role': 'assistant', 'content': t}} if chat else {'text': t}),
-                    'logprobs': None, 'finish_reason': f} for i, (t, f) in enumerate(zip(texts, finish))]
+                    'logprobs': job.logprobs.get(i), 'finish_reason': f} for i, (t, f) in enumerate(zip(texts, finish))]
         self.send_json(200, {**head, 'choices': choices, 'usage': usage(job, tokens)}, headers)
 
     def stream(self, job, head, chat, headers):
@@ -305,7 +396,8 @@ class CompletionHandler(BaseHTTPRequestHandler):
 
         def send(choice, **extra):
             self.wfile.write(f"data: {json.dumps({**head, 'choices': [choice] if choice else [], **extra})}\n\n".encode())
-        n, tokens = job.req['n'], [0] * job.req['n']
+        n = len(job.prompts) * job.req['n']
+        tokens = [0] * n
         for i in range(n if chat else 0):
             send({'index': i, 'delta': {'role': 'assistant', 'content': ''}, 'logprobs': None, 'finish_reason': None})
         for i, text, finish_reason, n_tokens in iter(job.events.get, None):
@@ -325,7 +417,8 @@ class CompletionHandler(BaseHTTPRequestHandler):
 
 
 def usage(job, tokens):
-    return {'prompt_tokens': len(job.ids), 'completion_tokens': sum(tokens), 'total_tokens': len(job.ids) + sum(tokens)}
+    prompt_tokens = sum(map(len, job.prompts))
+    return {'prompt_tokens': prompt_tokens, 'completion_tokens': sum(tokens), 'total_tokens': prompt_tokens + sum(tokens)}
 
 
 def generation_loop(app):
@@ -337,14 +430,26 @@ def generation_loop(app):
     """
     while True:
         job, held = app.jobs.get(), []
+        n, top = job.req['n'], job.req.get('logprobs')
         try:
-            for event in complete(app.model, app.tokenizer, app.device, job.ids, job.req, job.end_ids):
+            for p, ids in enumerate(job.prompts):
+                generated = [[] for _ in range(n)]
+                events = complete(app.model, app.tokenizer, app.device, ids, job.req, job.end_ids, generated) \
+                    if job.req['max_tokens'] else ((i, '', 'length', 0) for i in range(n))  # an echo of the prompt only
+                for i, *event in events:
+                    if job.cancelled:
+                        break
+                    if job.req['stream']:
+                        job.events.put((p * n + i, *event))
+                    else:  # its handler waits for the whole answer: waking it for every token costs ~10% here
+                        held.append((p * n + i, *event))
                 if job.cancelled:
                     break
-                if job.req['stream']:
-                    job.events.put(event)
-                else:  # its handler waits for the whole answer: waking it for every token costs ~10% here
-                    held.append(event)
+                if top is not None and not job.cancelled:  # the tokens' log-probabilities, from one more forward pass
+                    start = 0 if job.req['echo'] else len(ids)
+                    for i, logprobs in enumerate(token_logprobs(app.model, app.tokenizer, [ids + g for g in generated],
+                                                                start, top, app.device)):
+                        job.logprobs[p * n + i] = logprobs
         except Exception as e:  # out of memory, say: this request fails, the server goes on
             traceback.print_exc()
             job.error = f"generation failed: {type(e).__name__}: {e}"

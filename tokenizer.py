@@ -22,6 +22,7 @@ Nothing here imports torch, so prepare.py's workers start quickly.
 import base64
 import binascii
 import json
+import re
 
 import numpy as np
 
@@ -93,6 +94,14 @@ class Tokenizer:
         if self.kind == 'char':
             return self.encode_array(text).tolist()
         return self.enc.encode_ordinary(text)
+
+    def encode_special(self, text):
+        """encode, except that special tokens' names in text are those tokens: '<|endoftext|>' is one id (the
+        server's /tokenize, as vLLM's, for lm-evaluation-harness)."""
+        if not self.special:
+            return self.encode(text)
+        pieces = re.split('(' + '|'.join(map(re.escape, self.special)) + ')', text)  # text, name, text, ...
+        return [i for k, piece in enumerate(pieces) for i in ([self.special[piece]] if k % 2 else self.encode(piece))]
 
     def encode_array(self, text):
         """encode for bulk text: -> np.ndarray, without a Python int per token."""

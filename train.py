@@ -19,16 +19,18 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from common import autocast_context, die, load_config, measure_peak_flops, pick_device, pick_dtype
-from checkpoint import fit_vocabulary, load_model, save_checkpoint
+from checkpoint import MODEL_KEYS, check_resume, fit_vocabulary, load_model, lora_settings, save_checkpoint
 from model import LORA_TARGETS, GPT, GPTConfig, add_lora, lora_state_dict, merge_lora, padded_vocab_size
 from dataset import DATASETS, Conversations, load_meta, open_split
+from tasks import read_task, run_task
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on the BPE shakespeare text
@@ -38,6 +40,8 @@ eval_interval = 2000
 log_interval = 1
 eval_iters = 200  # batches per split for each loss estimate
 eval_only = False  # evaluate once, then exit
+eval_tasks = ''  # task files (tasks.py, as eval.py --task) scored at each eval, comma-separated: 'mc.jsonl,qa.jsonl'
+eval_task_limit = 100  # records of each task scored at each eval (0: all): what the tasks cost
 always_save_checkpoint = True  # save ckpt.pt at every eval (the best one also goes to best.pt)
 # 'scratch', 'resume' (from out_dir/ckpt.pt), or weights to fine-tune from, at iteration 0: 'gpt2', 'gpt2-medium',
 # 'gpt2-large', 'gpt2-xl', another GPT-2 repository on the Hugging Face Hub, or a checkpoint file or out_dir
@@ -64,7 +68,7 @@ rope = False
 rope_base = 10000.0
 norm = 'layernorm'  # or 'rmsnorm'
 qk_norm = False
-activation = 'gelu'  # or 'relu2'
+activation = 'gelu'  # or 'relu2', or 'gelu_tanh' (the tanh approximation: GPT-2's own)
 tie_embeddings = True
 logit_softcap = 0.0  # 0: off
 zero_init = False
@@ -126,10 +130,6 @@ def batch_rng(seed, *step):
     return np.random.default_rng((seed, *step))
 
 
-# the model's shape: what a resumed run may not change (dropout may; the vocabulary comes from the data)
-MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name not in ('dropout', 'vocab_size'))
-
-
 def model_config(cfg, vocab_size):
     """The GPTConfig that the run's keys describe."""
     return GPTConfig(**{key: getattr(cfg, key) for key in MODEL_KEYS + ('dropout',)}, vocab_size=vocab_size)
@@ -185,32 +185,6 @@ def optimizer_step(model, optimizers, scaler, grad_clip, skip_nonfinite=False):
     return taken
 
 
-def check_resume(cfg, checkpoint, master):
-    """A resumed run keeps the model's shape; training keys may change, and the change is logged."""
-    model_args, saved = checkpoint['model_args'], checkpoint.get('config', {})
-    for key in MODEL_KEYS:
-        saved_value = model_args.get(key, getattr(GPTConfig, key))  # older checkpoints: the default
-        if getattr(cfg, key) != saved_value:
-            die(f"the checkpoint in {cfg.out_dir} has {key}={saved_value!r}, this run asks for "
-                f"{key}={getattr(cfg, key)!r}: resume with the run's own config (or --{key}={saved_value!r}), "
-                "or start from scratch in another out_dir")
-    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in vars(cfg).items()
-               if k in saved and saved[k] != v and k not in ('init_from', 'eval_only')]
-    if changed and master:
-        print(f"changed since the checkpoint: {', '.join(changed)}")
-    saved_lora, lora = checkpoint.get('lora') or {'rank': 0}, lora_settings(cfg)
-    for key in ('rank', 'alpha', 'targets'):  # the adapters' shape (and scale) is part of the model's
-        if (saved_lora['rank'] or lora['rank']) and saved_lora.get(key) != lora[key]:
-            die(f"the checkpoint in {cfg.out_dir} has lora_{key}={saved_lora.get(key)!r}, this run asks for "
-                f"{lora[key]!r}: resume with the run's own config, or fine-tune from it in another out_dir")
-
-
-def lora_settings(cfg, base=None):
-    """The LoRA keys as a LoRA checkpoint stores them, with the model the adapters belong to."""
-    return {'rank': cfg.lora_rank, 'alpha': cfg.lora_alpha, 'dropout': cfg.lora_dropout,
-            'targets': [t.strip() for t in cfg.lora_targets.split(',') if t.strip()], 'base': base}
-
-
 def check_config(cfg):
     """Stop early, with the fix, on settings that would only fail later."""
     if cfg.n_embd % cfg.n_head != 0:
@@ -220,7 +194,9 @@ def check_config(cfg):
                 'eval_interval', 'eval_iters', 'log_interval'):
         if getattr(cfg, key) <= 0:
             die(f"{key} must be positive, got {getattr(cfg, key)}")
-    for key, choices in (('norm', ('layernorm', 'rmsnorm')), ('activation', ('gelu', 'relu2')),
+    if cfg.eval_task_limit < 0:
+        die(f"eval_task_limit must be >= 0 (0: every record), got {cfg.eval_task_limit}")
+    for key, choices in (('norm', ('layernorm', 'rmsnorm')), ('activation', ('gelu', 'gelu_tanh', 'relu2')),
                          ('optimizer', ('adamw', 'muon')), ('lr_schedule', ('cosine', 'wsd'))):
         if getattr(cfg, key) not in choices:
             die(f"{key} must be one of {', '.join(choices)}, got '{getattr(cfg, key)}'")
@@ -301,6 +277,7 @@ def main(argv):
         print(f"tokens per iteration will be: {tokens_per_iter:,}")
 
     meta, splits = open_dataset(cfg)  # meta: what the checkpoints record of the tokenizer
+    tasks = [read_task(path.strip()) for path in cfg.eval_tasks.split(',') if path.strip()] if master else []
 
     # the model: new (its initialization seeded), the one in out_dir/ckpt.pt, or pretrained weights to fine-tune
     torch.manual_seed(cfg.seed)
@@ -427,10 +404,17 @@ def main(argv):
         if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only) \
                 and iter_num != resumed_at and master:
             losses = estimate_loss(model, splits, cfg, device, ctx)
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            line = f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            logged = {'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr,
+                      'mfu': running_mfu * 100}
+            for task in tasks:  # what the model can do: acc_norm (multiple choice) or exact match (generation)
+                results, _, _ = run_task(raw_model, Tokenizer(meta), task, cfg.eval_task_limit, device=device, ctx=ctx)
+                name = os.path.splitext(os.path.basename(task[0]))[0]
+                line += f", {name} {results['metric']} {results[results['metric']]:.4f}"
+                logged[f"tasks/{name}/{results['metric']}"] = results[results['metric']]
+            print(line)
             if cfg.wandb_log:
-                wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr,
-                           'mfu': running_mfu * 100})
+                wandb.log(logged)
             if not math.isfinite(losses['val']):
                 die(f"val loss is {losses['val']} at iteration {iter_num}: lower learning_rate or raise "
                     f"warmup_iters; the last good checkpoint in {cfg.out_dir} is kept")

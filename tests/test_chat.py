@@ -325,8 +325,8 @@ def test_lora_on_grown_chat_tokens_and_a_chat_model_trained_on_text(tmp_path, ch
                '--block_size=32', '--device=cpu', cwd=cwd, check=False)
     assert proc.returncode != 0 and 'with LoRA their rows would stay frozen' in proc.stderr
     assert 'Traceback' not in proc.stderr
-    proc = run('eval.py', f'--out_dir={chat_model}', '--max_reply_tokens=0', cwd=cwd, check=False)
-    assert proc.returncode != 0 and 'need max_reply_tokens > 0' in proc.stderr and 'Traceback' not in proc.stderr
+    proc = run('eval.py', f'--out_dir={chat_model}', '--max_new_tokens=0', cwd=cwd, check=False)
+    assert proc.returncode != 0 and 'need max_new_tokens > 0' in proc.stderr and 'Traceback' not in proc.stderr
 
 
 # -----------------------------------------------------------------------------
@@ -381,7 +381,7 @@ def test_sample_chat_through_a_pipe(chat_model):
 
 def test_eval_on_a_chat_dataset_scores_the_replies_and_their_stop_rate(chat_model):
     cwd = os.path.dirname(chat_model)
-    out = run('eval.py', f'--out_dir={chat_model}', '--device=cpu', '--show=1', '--max_reply_tokens=80', cwd=cwd).stdout
+    out = run('eval.py', f'--out_dir={chat_model}', '--device=cpu', '--show=1', '--max_new_tokens=80', cwd=cwd).stdout
     found = re.search(r'chats val: (\d+) conversations, ([\d,]+) assistant tokens \| loss ([\d.]+) .* stop rate '
                       r'(\d+)/(\d+)', out)
     data_dir = os.path.join(cwd, 'data', 'chats')

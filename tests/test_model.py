@@ -13,8 +13,9 @@ def tiny_config(**overrides):
     return GPTConfig(**args)
 
 
-def reference_logits(sd, cfg, idx):
-    """GPT-2 written out from the state dict with plain tensor ops: no nn.Module, no SDPA, no model.py."""
+def reference_logits(sd, cfg, idx, gelu='exact'):
+    """GPT-2 written out from the state dict with plain tensor ops: no nn.Module, no SDPA, no model.py.
+    gelu: 'exact' (ours, nanoGPT's) or 'tanh' (GPT-2's own gelu_new)."""
     def layer_norm(x, prefix):
         mean = x.mean(-1, keepdim=True)
         var = ((x - mean) ** 2).mean(-1, keepdim=True)
@@ -38,7 +39,10 @@ def reference_logits(sd, cfg, idx):
         y = (att @ v).permute(0, 2, 1, 3).reshape(B, T, C)
         x = x + linear(y, p + '.attn.c_proj')
         h = linear(layer_norm(x, p + '.ln_2'), p + '.mlp.c_fc')
-        h = 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))  # exact GELU
+        if gelu == 'tanh':  # the approximation GPT-2 was trained with (Hendrycks & Gimpel, 2016)
+            h = 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3)))
+        else:
+            h = 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))  # exact GELU
         x = x + linear(h, p + '.mlp.c_proj')
     return layer_norm(x, 'transformer.ln_f') @ sd['lm_head.weight'].T
 

@@ -76,9 +76,11 @@ def hub(http_server, tmp_path, monkeypatch):
     return root, state
 
 
-def assert_same_function(model, source, dtype=torch.float32):
+def assert_same_function(model, source, dtype=torch.float32, gelu='tanh'):
+    """model computes source's function, with the GELU its config.json names (gelu_new: tanh)."""
     idx = torch.randint(source.config.vocab_size, (2, source.config.block_size))
-    expected = reference_logits({k: v.to(dtype).float() for k, v in source.state_dict().items()}, source.config, idx)
+    expected = reference_logits({k: v.to(dtype).float() for k, v in source.state_dict().items()}, source.config, idx,
+                                gelu)
     torch.testing.assert_close(model.eval()(idx, idx)[0], expected, atol=1e-5, rtol=1e-5)
 
 
@@ -95,6 +97,32 @@ def test_hub_model_loads_as_exported_then_from_the_cache(hub, prefix, dtype):
     again, _ = load_model('someone/tiny-gpt2')  # from the cache: the server hears nothing
     assert len(state['paths']) == 2
     assert_same_function(again, source, dtype)
+
+
+@pytest.mark.parametrize('activation', ['gelu_new', 'gelu_pytorch_tanh', 'gelu'])
+def test_hub_models_use_the_gelu_their_config_names(hub, activation):
+    """gelu_new (GPT-2's) is the tanh approximation, 'gelu' the exact one; the two differ here by far more than the
+    1e-5 the logits must match to, so the test tells them apart."""
+    root, _ = hub
+    source = tiny_gpt2(3)
+    with torch.no_grad():
+        for block in source.transformer.h:
+            block.mlp.c_fc.weight.mul_(30)  # pre-activations around 2-3, where the two GELUs differ most
+            block.mlp.c_proj.weight.mul_(30)
+        source.transformer.wte.weight.mul_(10)  # (the head too): the difference carried to the logits
+    publish(root, f'tiny-{activation}', source, activation_function=activation)
+    model, checkpoint = load_model(f'tiny-{activation}')
+    gelu = 'exact' if activation == 'gelu' else 'tanh'
+    assert checkpoint['model_args']['activation'] == ('gelu' if gelu == 'exact' else 'gelu_tanh')
+    assert_same_function(model, source, gelu=gelu)
+    idx = torch.randint(50257, (1, 32))
+    other = reference_logits(source.state_dict(), source.config, idx, 'tanh' if gelu == 'exact' else 'exact')
+    assert (model(idx, idx)[0] - other).abs().max() > 1e-4
+    # saved and loaded again (a checkpoint records the activation), it stays the same function
+    torch.save({'model': model.state_dict(), 'model_args': checkpoint['model_args'], 'meta': checkpoint['meta']},
+               root / 'ckpt.pt')
+    again, _ = load_model(str(root / 'ckpt.pt'))
+    assert_same_function(again, source, gelu=gelu)
 
 
 def test_pytorch_model_bin_when_the_repository_has_no_safetensors(hub):
