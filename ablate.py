@@ -8,9 +8,11 @@ an option the speedrun config leaves out).
 
 Each run's number of steps comes from its own speed, measured first (bench.py's train_speed), so every
 run trains for about `seconds`; its schedule (warmup, decay) is its config's, scaled to those steps.
-Prints a markdown table; the data must be prepared (python prepare.py shakespeare_char).
+Prints a markdown table, and draws the runs' curves into out-ablate/curves.png (plot.py); the data must be
+prepared (python prepare.py shakespeare_char).
 """
 
+import importlib.util
 import os
 import re
 import shutil
@@ -25,6 +27,7 @@ import bench
 import train
 from common import die, load_config, pick_device, pick_dtype
 from model import GPT
+from plot import plot_runs
 
 # -----------------------------------------------------------------------------
 baseline = 'config/train_shakespeare_char_cpu.py'  # GPT-2's architecture, AdamW, cosine schedule
@@ -57,8 +60,9 @@ def with_option(config, name, on, base, fast):
     return {**config, **values}
 
 
-def train_for(config, seconds):
-    """Train config (a dict of train.py keys) for about `seconds` -> (val loss, steps, wall seconds of the run)."""
+def train_for(config, seconds, out_dir):
+    """Train config (a dict of train.py keys) for about `seconds` in out_dir -> (val loss, steps, wall seconds of
+    the run)."""
     cfg = SimpleNamespace(**config, vocab_size=0, warmup_steps=2, train_steps=8)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device.split(':')[0])
@@ -67,11 +71,10 @@ def train_for(config, seconds):
     tokens_per_s = bench.train_speed(cfg, model, device, dtype, use_compile=False)[0]
     steps = max(10, int(seconds * tokens_per_s / (cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size)))
     scale = steps / config['max_iters']  # the config's schedule, shrunk or stretched to `steps`
-    out_dir = os.path.join('out-ablate', 'run')
     shutil.rmtree(out_dir, ignore_errors=True)  # ablate.py's own runs: each one starts anew
     run = {**config, 'max_iters': steps, 'lr_decay_iters': steps, 'eval_interval': steps,
            'warmup_iters': round(config['warmup_iters'] * scale), 'out_dir': out_dir,
-           'always_save_checkpoint': False, 'log_interval': steps}
+           'always_save_checkpoint': False, 'log_interval': max(1, steps // 20), 'plot': False}
     args = [f"--{k}={v}" for k, v in run.items() if v != train.DEFAULTS[k]]
     t0 = time.perf_counter()
     train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
@@ -96,14 +99,18 @@ def main(argv):
     for name in names:  # the options the speedrun config has are taken out, the others put in
         has = all(fast[k] == v for k, v in OPTIONS[name].items())
         runs.append((f"speedrun {'-' if has else '+'} {name}", with_option(fast, name, not has, base, fast)))
-    rows = []
-    for label, config in runs:
-        val_loss, steps, wall = train_for(config, cfg.seconds)
+    rows, out_dirs = [], []
+    for label, config in runs:  # each in its own out-ablate/<run>, whose metrics.jsonl the plot draws
+        out_dirs.append(os.path.join('out-ablate', re.sub(r'[^\w]+', '-', label).strip('-')))
+        val_loss, steps, wall = train_for(config, cfg.seconds, out_dirs[-1])
         rows.append((label, val_loss, steps, wall))
         print(f"{label}: val loss {val_loss:.4f} after {steps} steps ({wall:.0f} s with start-up and evals)", flush=True)
     print("\n| run | val loss | steps | wall s (whole run) |\n|---|---|---|---|")
     for label, val_loss, steps, wall in rows:
         print(f"| {label} | {val_loss:.4f} | {steps} | {wall:.0f} |")
+    if importlib.util.find_spec('matplotlib'):
+        plot_runs(out_dirs, os.path.join('out-ablate', 'curves.png'), names=[label for label, *_ in rows])
+        print("\nthe runs' curves: out-ablate/curves.png")
     return rows
 
 

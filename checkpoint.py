@@ -9,7 +9,8 @@ never loses the last one.
 
 A checkpoint is a dict: 'model' (the state dict; with LoRA only the adapters, and 'lora' names their base),
 'model_args' (GPTConfig's fields), 'config' (train.py's keys), 'meta' (the tokenizer: tokenizer.py),
-'iter_num', 'best_val_loss', the optimizers' and GradScaler's states, 'init_from'.
+'iter_num', 'best_val_loss', the optimizers' and GradScaler's states, 'init_from', and how far the run had got
+('tokens' trained on, wall 'seconds').
 """
 
 import os
@@ -100,6 +101,8 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=None, lora_dropou
     """-> (model, checkpoint dict) from init_from: 'resume' (out_dir's checkpoint), a checkpoint file or a
     run's out_dir, or a Hub repository of the GPT-2 architecture (gpt2, gpt2-medium, ..., owner/name).
     dropout and lora_dropout, training settings, replace the saved ones when given."""
+    if not init_from.strip():
+        die("init_from is empty: name a checkpoint, an out_dir, 'resume' or a Hub model such as gpt2")
     if init_from == 'resume':
         return load_checkpoint(out_dir, device, dropout, lora_dropout)
     if os.path.exists(init_from) or init_from.endswith('.pt') or init_from.startswith(('.', '/', '~')):

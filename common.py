@@ -8,6 +8,7 @@ import ast
 import difflib
 import functools
 import os
+import re
 import time
 from contextlib import ExitStack
 
@@ -40,6 +41,24 @@ def load_config(defaults, argv):
             for key, value in _run_config_file(arg).items():
                 _set(config, defaults, key, value, arg)
     return config
+
+
+def check_ranges(config, ranges):
+    """Stop with a one-line error at the first key whose value is outside its range. ranges: key -> the range as
+    it is written in mathematics, '> 0', '>= 0', '[0, 1)', '(0, 1]' ...; nan and infinities are in none."""
+    for key, allowed in ranges.items():
+        value = config[key]
+        finite = value == value and abs(value) != float('inf')
+        if allowed.startswith(('>', '<')):
+            op, bound = allowed.split()
+            bound = ast.literal_eval(bound)  # an int stays an int: 2**64 - 1 is not 2.0**64
+            inside = finite and {'>': value > bound, '>=': value >= bound, '<': value < bound, '<=': value <= bound}[op]
+        else:
+            low, high = (ast.literal_eval(b.strip()) for b in allowed[1:-1].split(','))
+            inside = finite and (low < value if allowed[0] == '(' else low <= value) and \
+                (value < high if allowed[-1] == ')' else value <= high)
+        if not inside:
+            die(f"{key} must be {'in ' if allowed[0] in '([' else ''}{allowed}, got {value!r}")
 
 
 def _parse_value(raw, default):
@@ -99,7 +118,7 @@ def pick_device(device):
         die(f"device '{device}' asked for, but this PyTorch sees no CUDA GPU: use --device=cpu (or auto)")
     if device_type == 'mps' and not torch.backends.mps.is_available():
         die(f"device '{device}' asked for, but MPS is not available here: use --device=cpu (or auto)")
-    if device_type not in ('cpu', 'cuda', 'mps'):
+    if device_type not in ('cpu', 'cuda', 'mps') or not re.fullmatch(r'[a-z]+(:\d+)?', device):
         die(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps")
     return device
 
@@ -114,6 +133,8 @@ def pick_dtype(dtype, device_type):
         return 'float32'  # mps: bfloat16 needs macOS 14+; ask for it with --dtype=bfloat16
     if dtype not in ('float32', 'bfloat16', 'float16'):
         die(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    if dtype == 'float16' and device_type == 'cpu':  # a CPU's float16 matmul can be 100x slower than float32
+        die("float16 on a CPU is far slower than the other dtypes: use bfloat16 or float32 (or auto)")
     return dtype
 
 

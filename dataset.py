@@ -294,3 +294,26 @@ def file_sha256(path):
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def open_dataset(dataset, block_size):
+    """data/<dataset>'s meta and its train/val splits for train.py: token streams, memory-mapped, or
+    Conversations; a one-line error, with the fix, for what training could not use."""
+    data_dir = os.path.join('data', dataset)
+    meta = load_meta(data_dir)
+    splits = {split: open_split(data_dir, split, meta['dtype'], block_size) for split in ('train', 'val')}
+    for split, data in splits.items():
+        if data is None:
+            how = f"python prepare.py {dataset}" + ("" if dataset in DATASETS else " --input=PATH")
+            die(f"dataset '{dataset}' is not prepared ({data_dir}/{split}.bin is missing): run {how}")
+        if isinstance(data, Conversations):
+            if len(data) == 0:
+                die(f"no conversation of the {split} split of {data_dir} has an assistant token within block_size "
+                    f"{block_size}: raise block_size")
+            if data.skipped:
+                print(f"{data.skipped:,} conversations of the {split} split have no assistant token within block_size "
+                      f"{block_size}: left out")
+        elif len(data) <= block_size:
+            die(f"the {split} split of {data_dir} has {len(data)} tokens, too few for block_size {block_size}: "
+                f"use --block_size={max(1, len(data) // 2)} or more text")
+    return meta, splits

@@ -38,7 +38,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from common import autocast_context, die, load_config, pick_device, pick_dtype
+from common import autocast_context, check_ranges, die, load_config, pick_device, pick_dtype
 from checkpoint import fit_vocabulary, load_model
 from model import merge_lora
 from dataset import Conversations, checkpoint_meta, load_meta, open_split
@@ -69,6 +69,8 @@ output = ''  # write the results, with each record's scores, to this .json file
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+RANGES = {**{k: '>= 0' for k in ('block_size', 'stride', 'max_tokens', 'conversations', 'show', 'limit')},
+          'batch_size': '> 0', 'max_new_tokens': '> 0'}  # the values each numeric key may take (common.check_ranges)
 
 
 @torch.no_grad()
@@ -164,6 +166,8 @@ def chat_results(cfg, model, name, conversations, tokenizer, device, ctx):
     """eval.py on a chat dataset: the loss on the assistant's tokens, and the stop rate."""
     n = min(cfg.conversations or len(conversations), len(conversations))
     nats, count = evaluate_conversations(model, conversations, n, cfg.batch_size, device, ctx)
+    if count == 0:
+        die(f"no assistant token of {name} falls within block_size {cfg.block_size}: raise --block_size")
     results = {'loss': nats / count, 'perplexity': math.exp(nats / count), 'tokens': count, 'conversations': n}
     line = (f"{name}: {n:,} conversations, {count:,} assistant tokens | loss {results['loss']:.4f} | "
             f"perplexity {results['perplexity']:.3f}")
@@ -198,18 +202,18 @@ def task_results(cfg, model, tokenizer, device, ctx):
 
 def main(argv):
     cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
+    check_ranges(vars(cfg), RANGES)
+    if cfg.output and not cfg.task:
+        die("--output writes a task's figures and each record's scores: pass --task=FILE.jsonl too")
     device = pick_device(cfg.device)
     ctx = autocast_context(device.split(':')[0], pick_dtype(cfg.dtype, device.split(':')[0]))
     model, checkpoint = load_model(cfg.init_from, cfg.out_dir, device)
     merge_lora(model)
     block_size = cfg.block_size or model.config.block_size
     stride = cfg.stride or block_size
-    if not 0 < block_size <= model.config.block_size or not 0 < stride <= block_size or cfg.batch_size <= 0:
-        die(f"need 0 < stride <= block_size <= {model.config.block_size} (the model's) and batch_size > 0, got "
-            f"stride {stride}, block_size {block_size}, batch_size {cfg.batch_size}")
-    if cfg.max_new_tokens <= 0 or cfg.conversations < 0 or cfg.show < 0 or cfg.limit < 0:
-        die(f"need max_new_tokens > 0, and conversations, limit and show >= 0 (0: all), got {cfg.max_new_tokens}, "
-            f"{cfg.conversations}, {cfg.limit}, {cfg.show}")
+    if not 0 < block_size <= model.config.block_size or not 0 < stride <= block_size:
+        die(f"need 0 < stride <= block_size <= {model.config.block_size} (the model's), got stride {stride}, "
+            f"block_size {block_size}")
     meta = checkpoint_meta(checkpoint)
     if cfg.task:
         return task_results(cfg, model, Tokenizer(meta, f"{cfg.init_from}'s tokenizer"), device, ctx)

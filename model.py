@@ -55,7 +55,8 @@ class Linear(nn.Linear):
     without, where dtype auto is float32, the two are equal in float32)."""
 
     def forward(self, x):
-        if x.numel() != self.in_features or x.device.type != 'cpu' or x.dtype != self.weight.dtype:  # (autocast: linear)
+        # under autocast, x may be bfloat16 and the weight float32: autocast casts for F.linear, not for torch.mv
+        if x.numel() != self.in_features or x.device.type != 'cpu' or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
         y = torch.mv(self.weight, x.reshape(-1))
         y = y if self.bias is None else y + self.bias

@@ -32,6 +32,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import signal
 import time
 from contextlib import ExitStack
@@ -212,7 +213,7 @@ def choose_tokenizer(spec, files, chat, chars, documents, vocab_size):
     elif spec == 'gpt2':
         meta = dict(GPT2_META)
     elif spec == 'bpe':
-        meta = train_tokenizer(documents(), vocab_size or 8192)
+        meta = train_tokenizer(documents(), 8192 if vocab_size is None else vocab_size)
     elif spec.startswith('hub:'):
         meta = hub_tokenizer(spec[4:]) or die(
             f"{spec[4:]} has no tokenizer.json: only a Hub model with one (or GPT-2's: --tokenizer=gpt2) can be used")
@@ -266,7 +267,11 @@ def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='
         die(f"workers must be 1 or more, got {workers}")
     if format not in (None, 'text', 'chat'):
         die(f"unknown format '{format}': use text or chat (the default: told by the records)")
+    if not re.fullmatch(r'[\w][\w.-]*', name):  # a directory of data/, never a path out of it
+        die(f"the dataset name '{name}' must be letters, digits, '_', '-' or '.' (it names data/<name>/)")
     data_dir = os.path.join(data_root, name)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        die(f"{data_dir} is a file, not a dataset's directory: move it away or pick another name")
     os.makedirs(data_dir, exist_ok=True)
     t0 = time.time()
     files, single_text = input_files(name, input_path, data_dir)

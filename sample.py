@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import die, load_config, pick_device, pick_dtype
+from common import check_ranges, die, load_config, pick_device, pick_dtype
 from checkpoint import load_model
 from model import merge_lora
 from dataset import checkpoint_meta
@@ -54,6 +54,8 @@ max_tokens_cap = 1024  # the largest max_tokens a request may ask for (past bloc
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+RANGES = {'num_samples': '> 0', 'max_new_tokens': '> 0', 'temperature': '>= 0', 'top_k': '>= 0', 'top_p': '(0, 1]',
+          'max_tokens_cap': '> 0', 'port': '[0, 65535]', 'seed': f'[{-2 ** 63}, {2 ** 64 - 1}]'}  # (common.check_ranges)
 
 
 def load_model_and_tokenizer(cfg, device):
@@ -122,12 +124,7 @@ def chat_loop(cfg, model, tokenizer, device):
 
 def main(argv):
     cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
-    if cfg.num_samples <= 0 or cfg.max_new_tokens <= 0:
-        die("num_samples and max_new_tokens must be positive")
-    if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
-        die("temperature and top_k must be >= 0, and top_p in (0, 1]")
-    if cfg.max_tokens_cap <= 0 or not 0 <= cfg.port <= 65535:
-        die("max_tokens_cap must be positive and port in 0..65535")
+    check_ranges(vars(cfg), RANGES)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device.split(':')[0])
     torch.manual_seed(cfg.seed)

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 import torch
 
 from common import die
+from tasks import token_logprobs
 from tokenizer import ROLES
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'chat.html')  # the chat page, GET /
@@ -240,28 +241,24 @@ def complete(model, tokenizer, device, ids, req, end_ids=None, generated=None):
 
 
 @torch.no_grad()
-def token_logprobs(model, tokenizer, rows, start, top, device):
+def completion_logprobs(model, tokenizer, rows, start, top, device):
     """OpenAI's legacy logprobs of each row of token ids (at most block_size + 1 of them) from position start
     on: {tokens, token_logprobs, top_logprobs (the `top` likeliest tokens, likeliest first), text_offset}.
-    A row's first token has no log-probability (null): nothing comes before it. Probabilities are over the
-    tokenizer's ids, as sampling draws them; offsets count characters from the start of the row's text."""
-    width = max(map(len, rows))
-    x = torch.zeros(len(rows), max(width - 1, 1), dtype=torch.long)
-    y = torch.full_like(x, -1)
-    for r, ids in enumerate(rows):
-        x[r, :len(ids) - 1], y[r, :len(ids) - 1] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
-    logits, _ = model(x.to(device), y.to(device))  # (rows, width - 1, vocab): the next token's, at every position
-    logprobs = torch.log_softmax(logits[..., :tokenizer.vocab_size].float(), dim=-1).cpu()
-    chosen = logprobs.gather(-1, y.clamp(min=0)[..., None])[..., 0]  # (rows, width - 1)
-    alternatives = logprobs.topk(top, dim=-1) if top else None
+    A row's first token has no log-probability (null): nothing comes before it. Offsets count characters from
+    the start of the row's text. Tokens that decode alike (the bytes of a split character) share one entry."""
+    logprobs, y = token_logprobs(model, rows, tokenizer.vocab_size, device)  # (rows, width - 1, vocab)
+    chosen = logprobs.gather(-1, y.clamp(min=0)[..., None])[..., 0].tolist()  # only these leave the device
+    values, indices = logprobs.topk(top, dim=-1) if top else (None, None)
+    values, indices = (values.tolist(), indices.tolist()) if top else (None, None)
     out = []
     for r, ids in enumerate(rows):
         n = len(ids) - 1
-        tops = [None] + ([{tokenizer.decode([i]): v for i, v in zip(indices, values)} for indices, values in
-                          zip(alternatives.indices[r, :n].tolist(), alternatives.values[r, :n].tolist())]
-                         if top else [{} for _ in range(n)])
+        tops = [None] + [{} for _ in range(n)]
+        for j in range(n if top else 0):
+            for i, v in zip(indices[r][j], values[r][j]):
+                tops[j + 1].setdefault(tokenizer.decode([i]), v)
         out.append({'tokens': [tokenizer.decode([i]) for i in ids[start:]],
-                    'token_logprobs': ([None] + chosen[r, :n].tolist())[start:], 'top_logprobs': tops[start:],
+                    'token_logprobs': ([None] + chosen[r][:n])[start:], 'top_logprobs': tops[start:],
                     'text_offset': [len(tokenizer.decode(ids[:j])) for j in range(start, len(ids))]})
     return out
 
@@ -323,7 +320,8 @@ class CompletionHandler(BaseHTTPRequestHandler):
         elif path == '/health':
             self.send_json(200, {'status': 'ok', 'model': app.name, 'chat': app.tokenizer.chat})
         else:
-            self.send_error_json(404, f"no such path: GET {self.path} (try /, /v1/models or /health)", 'not_found_error')
+            self.send_error_json(404, f"no such path: GET {self.path} (try /, /v1/models, /health or /tokenizer_info)",
+                                 'not_found_error')
 
     def do_POST(self):
         app, path = self.server.app, urlsplit(self.path).path.rstrip('/')
@@ -447,8 +445,9 @@ def generation_loop(app):
                     break
                 if top is not None and not job.cancelled:  # the tokens' log-probabilities, from one more forward pass
                     start = 0 if job.req['echo'] else len(ids)
-                    for i, logprobs in enumerate(token_logprobs(app.model, app.tokenizer, [ids + g for g in generated],
-                                                                start, top, app.device)):
+                    rows = [ids + g for g in generated]
+                    for i, logprobs in enumerate(completion_logprobs(app.model, app.tokenizer, rows, start, top,
+                                                                     app.device)):
                         job.logprobs[p * n + i] = logprobs
         except Exception as e:  # out of memory, say: this request fails, the server goes on
             traceback.print_exc()

@@ -7,7 +7,8 @@ Multiple choice: {"context": ..., "choices": [...], "answer": index}, or HellaSw
 log-probabilities of its tokens after the context's, the choice tokenized with the space before it
 (" Paris" after "The capital of France is"). acc: the best sum picks the right choice; acc_norm: the best
 sum per UTF-8 byte of the choice does (longer choices are not penalised for their length). Both come with
-their standard errors.
+their standard errors. The text is scored as the file has it: lm-evaluation-harness's hellaswag task also
+rewrites HellaSwag's (its activity label first, [title] markers removed), so its figures differ a little.
 
 Generation: {"prompt": ..., "answer": ...} or, for a chat model, {"messages": [...], "answer": ...}; answer
 may be a list of right answers, and "stop" a string or list of stop strings (default for a prompt: a new
@@ -17,6 +18,7 @@ becoming the user's message. Metrics: exact match (after stripping whitespace), 
 rate: the answers that ended (end token or stop string) within max_new_tokens.
 """
 
+import importlib.util
 import json
 import math
 import re
@@ -66,6 +68,8 @@ def read_task(path):
             die(f"{where}: a {kind} record in a file of {'generation' if kind == 'choice' else 'multiple-choice'} "
                 "records: one kind of task per file")
         records.append(record)
+    if 'generate' in kinds and not (importlib.util.find_spec('sacrebleu') and importlib.util.find_spec('rouge_score')):
+        die(f"{path} is a generation task, scored with sacrebleu and rouge-score: pip install sacrebleu rouge-score")
     return path, kinds.pop(), records
 
 
@@ -98,10 +102,28 @@ def generation_record(record, where):
     return {'prompt': prompt if messages is None else None, 'messages': messages, 'answers': answers, 'stop': stop}
 
 
-def continuation(context, choice):
-    """The text scored for a choice: after a space, unless the context ends with whitespace or the choice
-    begins with it (lm-evaluation-harness's target delimiter)."""
-    return choice if not context or context[-1].isspace() or choice[0].isspace() else ' ' + choice
+def split_choice(context, choice):
+    """(context, continuation): the texts whose tokens are read and scored for a choice. As lm-evaluation-harness:
+    the choice after a space (not when the context ends with whitespace or the choice begins with it), and the
+    whitespace that ends the context moved to the continuation, where BPE tokenizers put it (" Paris", not
+    " " + "Paris")."""
+    choice = choice if not context or context[-1].isspace() or choice[0].isspace() else ' ' + choice
+    stripped = context.rstrip()
+    return stripped, context[len(stripped):] + choice
+
+
+@torch.no_grad()
+def token_logprobs(model, rows, vocab_size, device='cpu', cache=None):
+    """Each row of ids (a list) predicting its own next tokens, in one batch padded at the end -> (log-probabilities
+    over the tokenizer's vocab_size ids as sampling draws them (B, T, vocab_size), the predicted ids (B, T): -1 past a
+    row's end). With a cache, the rows continue the sequence it holds. eval.py's scores and the server's logprobs."""
+    x = torch.zeros(len(rows), max(max(map(len, rows)) - 1, 1), dtype=torch.long)
+    y = torch.full_like(x, -1)
+    for r, ids in enumerate(rows):
+        x[r, :len(ids) - 1], y[r, :len(ids) - 1] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+    x, y = x.to(device), y.to(device)
+    logits, _ = model(x, y, cache=cache)  # (B, T, vocab): with targets, every position's logits
+    return F.log_softmax(logits[..., :vocab_size].float(), dim=-1), y
 
 
 @torch.no_grad()
@@ -111,22 +133,16 @@ def score_choices(model, context, choices, vocab_size, device='cpu', ctx=nullcon
     The context runs once, into a KV cache that its choices then share, all in one batch. It is cut from the
     left so that it and the longest choice fit the model's context (the choice's last token is predicted, not
     read; multiple_choice scores a record that needs the cut one choice at a time, so that each keeps all the
-    context that fits with it). Probabilities are over the tokenizer's vocab_size ids, as sampling draws them."""
+    context that fits with it)."""
     longest = max(len(c) for c in choices)
     context = context[max(0, len(context) - (model.config.block_size + 1 - longest)):]  # (caller: longest <= block_size)
     cache = KVCache(model.config.n_layer, len(context) + longest - 1)
     with ctx:
         logits, _ = model(torch.tensor([context], device=device), cache=cache)  # (1, 1, vocab): the first choice token's
         scores = F.log_softmax(logits[0, -1, :vocab_size].float(), dim=-1)[[c[0] for c in choices]]  # (n,)
-        if longest > 1:  # the choices' other tokens, one row each, padded at the end
+        if longest > 1:  # the choices' other tokens, one row each
             cache.repeat(len(choices))
-            x = torch.zeros(len(choices), longest - 1, dtype=torch.long)
-            y = torch.full_like(x, -1)
-            for row, ids in enumerate(choices):
-                x[row, :len(ids) - 1], y[row, :len(ids) - 1] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
-            x, y = x.to(device), y.to(device)
-            logits, _ = model(x, y, cache=cache)  # (n, longest - 1, vocab)
-            logprobs = F.log_softmax(logits[..., :vocab_size].float(), dim=-1)
+            logprobs, y = token_logprobs(model, choices, vocab_size, device, cache)
             scores = scores + (logprobs.gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y >= 0)).sum(dim=1)
     return scores.tolist()
 
@@ -134,7 +150,7 @@ def score_choices(model, context, choices, vocab_size, device='cpu', ctx=nullcon
 def mean_and_stderr(values):
     """The mean and its standard error (sample standard deviation / sqrt(n)), as lm-evaluation-harness."""
     n, mean = len(values), sum(values) / len(values)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else float('nan')
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else None  # None: one record
 
 
 def encode(tokenizer, text, where):
@@ -149,12 +165,13 @@ def multiple_choice(model, tokenizer, path, records, device='cpu', ctx=nullconte
     rows = []
     for index, record in enumerate(records):
         where = f"{path}, record {index + 1}"
-        context = encode(tokenizer, record['context'], where)
+        pairs = [split_choice(record['context'], c) for c in record['choices']]
+        context = encode(tokenizer, pairs[0][0], where)
         if not context:  # the first choice token is predicted from the start of a text
             if tokenizer.eot is None:
                 die(f"{where}: an empty context needs a tokenizer with an end-of-text token to start from")
             context = [tokenizer.eot]
-        choices = [encode(tokenizer, continuation(record['context'], c), where) for c in record['choices']]
+        choices = [encode(tokenizer, continuation, where) for _, continuation in pairs]
         if max(map(len, choices)) > model.config.block_size:
             die(f"{where}: a choice of {max(map(len, choices))} tokens is longer than the model's context "
                 f"({model.config.block_size})")
@@ -180,10 +197,10 @@ def generate_answer(model, tokenizer, record, max_new_tokens, device='cpu', ctx=
     if record['messages'] is not None or tokenizer.chat:  # a chat model answers through its template
         messages = record['messages'] or [{'role': 'user', 'content': record['prompt']}]
         ids, _ = tokenizer.fit_prompt(messages, model.config.block_size, max_new_tokens)
-        ends, stops = tokenizer.reply_ends, record['stop'] or []
+        ends, stops = tokenizer.reply_ends, record['stop'] or []  # (the end token ends a reply)
     else:
         ids = tokenizer.encode(record['prompt'])
-        ends, stops = {tokenizer.eot} - {None}, record['stop'] or ['\n']
+        ends, stops = {tokenizer.eot} - {None}, ['\n'] if record['stop'] is None else record['stop']
     out, text = [], ''
     with ctx:
         for token in model.generate_stream(torch.tensor([ids], device=device), max_new_tokens, temperature=0,
@@ -217,22 +234,19 @@ def token_f1(prediction, truth):
 
 
 def generation_metrics(outputs, answers, stopped):
-    """Exact match, token F1, BLEU, ROUGE-L (each against the best of a record's answers) and the stop rate."""
-    try:
-        import sacrebleu
-        from rouge_score import rouge_scorer
-    except ImportError:
-        die("generation tasks are scored with sacrebleu and rouge-score: pip install sacrebleu rouge-score")
-    n = len(outputs)
-    results = {'records': n,
-               'exact_match': sum(any(o.strip() == a.strip() for a in answer) for o, answer in zip(outputs, answers)) / n,
-               'f1': sum(max(token_f1(o, a) for a in answer) for o, answer in zip(outputs, answers)) / n}
-    streams = [[answer[k] if k < len(answer) else None for answer in answers] for k in range(max(map(len, answers)))]
-    results['bleu'] = sacrebleu.corpus_bleu(outputs, streams).score
+    """Each output against the best of its answers -> (the means: exact match, token F1, ROUGE-L, and the corpus
+    BLEU and stop rate; each record's exact match and F1)."""
+    import sacrebleu  # imported here: only generation tasks need them (read_task checks they are installed)
+    from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(['rougeL'])
-    results['rougeL'] = sum(scorer.score_multi(a, o)['rougeL'].fmeasure for o, a in zip(outputs, answers)) / n
+    rows = [{'exact_match': int(any(o.strip() == a.strip() for a in answer)), 'f1': max(token_f1(o, a) for a in answer),
+             'rougeL': scorer.score_multi(answer, o)['rougeL'].fmeasure} for o, answer in zip(outputs, answers)]
+    n = len(outputs)
+    results = {'records': n, **{k: sum(row[k] for row in rows) / n for k in ('exact_match', 'f1', 'rougeL')}}
+    streams = [[answer[k] if k < len(answer) else None for answer in answers] for k in range(max(map(len, answers)))]
+    results['bleu'] = sacrebleu.corpus_bleu(outputs, streams).score  # sacrebleu takes None for a missing reference
     results['stop_rate'] = sum(stopped) / n
-    return results
+    return results, rows
 
 
 def generation(model, tokenizer, path, records, max_new_tokens, device='cpu', ctx=nullcontext()):
@@ -246,14 +260,13 @@ def generation(model, tokenizer, path, records, max_new_tokens, device='cpu', ct
             text, ended = generate_answer(model, tokenizer, record, max_new_tokens, device, ctx)
         except (ValueError, SystemExit) as e:  # messages that break the template, or do not fit, or a bad character
             die(f"{path}, record {index + 1}: {str(e).removeprefix('error: ')}")
-        rows.append({'index': index, 'output': text, 'answers': record['answers'], 'stopped': ended,
-                     'exact_match': int(any(text.strip() == a.strip() for a in record['answers'])),
-                     'f1': max(token_f1(text, a) for a in record['answers'])})
-    results = generation_metrics([r['output'] for r in rows], [r['answers'] for r in rows], [r['stopped'] for r in rows])
-    return results, rows
+        rows.append({'index': index, 'output': text, 'answers': record['answers'], 'stopped': ended})
+    results, scores = generation_metrics([r['output'] for r in rows], [r['answers'] for r in rows],
+                                         [r['stopped'] for r in rows])
+    return results, [{**row, **score} for row, score in zip(rows, scores)]
 
 
-def run_task(model, tokenizer, task, limit=0, max_new_tokens=64, device='cpu', ctx=nullcontext()):
+def run_task(model, tokenizer, task, limit=0, max_new_tokens=256, device='cpu', ctx=nullcontext()):
     """Evaluate a task (read_task's) on its first `limit` records (0: all) -> (results, per-record rows, a line).
     results['metric'] names the headline figure: acc_norm, or exact_match."""
     path, kind, records = task
@@ -263,8 +276,9 @@ def run_task(model, tokenizer, task, limit=0, max_new_tokens=64, device='cpu', c
     if kind == 'choice':
         results, rows = multiple_choice(model, tokenizer, path, records, device, ctx)
         results['metric'] = 'acc_norm'
-        line = (f"{path}: {len(rows):,} records | acc {results['acc']:.4f} ± {results['acc_stderr']:.4f} | "
-                f"acc_norm {results['acc_norm']:.4f} ± {results['acc_norm_stderr']:.4f}")
+        line = f"{path}: {len(rows):,} records" + ''.join(
+            f" | {m} {results[m]:.4f} ± " + ('n/a' if results[f'{m}_stderr'] is None else f"{results[f'{m}_stderr']:.4f}")
+            for m in ('acc', 'acc_norm'))
     else:
         results, rows = generation(model, tokenizer, path, records, max_new_tokens, device, ctx)
         results['metric'] = 'exact_match'

@@ -13,22 +13,25 @@ Train a GPT, on one CPU or GPU or on several through DDP.
 Every default is below; config/*.py files (plain Python) and --key=value arguments override them.
 """
 
+import importlib.util
 import math
 import os
 import shutil
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from common import autocast_context, die, load_config, measure_peak_flops, pick_device, pick_dtype
+from common import autocast_context, check_ranges, die, load_config, measure_peak_flops, pick_device, pick_dtype
 from checkpoint import MODEL_KEYS, check_resume, fit_vocabulary, load_model, lora_settings, save_checkpoint
 from model import LORA_TARGETS, GPT, GPTConfig, add_lora, lora_state_dict, merge_lora, padded_vocab_size
-from dataset import DATASETS, Conversations, load_meta, open_split
+from dataset import Conversations, open_dataset
+from plot import MetricsLog, duration, summary
 from tasks import read_task, run_task
 from tokenizer import Tokenizer
 
@@ -43,6 +46,7 @@ eval_only = False  # evaluate once, then exit
 eval_tasks = ''  # task files (tasks.py, as eval.py --task) scored at each eval, comma-separated: 'mc.jsonl,qa.jsonl'
 eval_task_limit = 100  # records of each task scored at each eval (0: all): what the tasks cost
 always_save_checkpoint = True  # save ckpt.pt at every eval (the best one also goes to best.pt)
+plot = True  # draw out_dir/curves.png at each eval (plot.py), where matplotlib is installed
 # 'scratch', 'resume' (from out_dir/ckpt.pt), or weights to fine-tune from, at iteration 0: 'gpt2', 'gpt2-medium',
 # 'gpt2-large', 'gpt2-xl', another GPT-2 repository on the Hugging Face Hub, or a checkpoint file or out_dir
 init_from = 'scratch'
@@ -103,6 +107,14 @@ compile = None  # torch.compile the model; None means on for CUDA, off elsewhere
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+# the values each numeric key may take (common.check_ranges)
+RANGES = {**{key: '> 0' for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps',
+                                     'batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'rope_base')},
+          **{key: '>= 0' for key in ('eval_task_limit', 'logit_softcap', 'lora_rank', 'learning_rate',
+                                      'muon_lr', 'max_iters', 'weight_decay', 'grad_clip', 'warmup_iters',
+                                      'lr_decay_iters', 'min_lr')},
+          'dropout': '[0, 1)', 'lora_dropout': '[0, 1)', 'beta1': '[0, 1)', 'beta2': '[0, 1)', 'cooldown_frac': '(0, 1]',
+          'lora_alpha': '> 0', 'seed': f'[0, {2 ** 63 - 1}]'}
 
 
 def get_batch(data, batch_size, block_size, rng, device, mask_prompt=True):
@@ -187,51 +199,30 @@ def optimizer_step(model, optimizers, scaler, grad_clip, skip_nonfinite=False):
 
 def check_config(cfg):
     """Stop early, with the fix, on settings that would only fail later."""
+    check_ranges(vars(cfg), RANGES)
+    if cfg.wandb_log and not importlib.util.find_spec('wandb'):
+        die("wandb_log=True needs wandb: pip install wandb (or leave wandb_log off)")
+    if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:
+        die(f"min_lr ({cfg.min_lr}) must be at most learning_rate ({cfg.learning_rate})")
+    if not cfg.out_dir.strip() or os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        die(f"out_dir must name a directory, and '{cfg.out_dir}' is {'empty' if not cfg.out_dir.strip() else 'a file'}: "
+            "pass --out_dir=DIR")
     if cfg.n_embd % cfg.n_head != 0:
         die(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}): "
             f"try n_head={math.gcd(cfg.n_embd, cfg.n_head)} or n_embd={cfg.n_embd // cfg.n_head * cfg.n_head or cfg.n_head}")
-    for key in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'gradient_accumulation_steps',
-                'eval_interval', 'eval_iters', 'log_interval'):
-        if getattr(cfg, key) <= 0:
-            die(f"{key} must be positive, got {getattr(cfg, key)}")
-    if cfg.eval_task_limit < 0:
-        die(f"eval_task_limit must be >= 0 (0: every record), got {cfg.eval_task_limit}")
     for key, choices in (('norm', ('layernorm', 'rmsnorm')), ('activation', ('gelu', 'gelu_tanh', 'relu2')),
-                         ('optimizer', ('adamw', 'muon')), ('lr_schedule', ('cosine', 'wsd'))):
+                         ('optimizer', ('adamw', 'muon')), ('lr_schedule', ('cosine', 'wsd')),
+                         ('backend', ('auto', 'nccl', 'gloo')), ('compile', (None, True, False))):
         if getattr(cfg, key) not in choices:
-            die(f"{key} must be one of {', '.join(choices)}, got '{getattr(cfg, key)}'")
+            die(f"{key} must be one of {', '.join(map(str, choices))}, got '{getattr(cfg, key)}'")
     if cfg.rope and (cfg.n_embd // cfg.n_head) % 2:
         die(f"rope rotates pairs of coordinates: the head size n_embd / n_head ({cfg.n_embd // cfg.n_head}) must be even")
-    if cfg.lora_rank < 0 or (cfg.lora_rank > 0 and not 0 <= cfg.lora_dropout < 1):
-        die(f"lora_rank must be >= 0 (0: no LoRA) and lora_dropout in [0, 1), got {cfg.lora_rank}, {cfg.lora_dropout}")
     targets = lora_settings(cfg)['targets']
     if cfg.lora_rank > 0 and (not targets or not set(targets) <= set(LORA_TARGETS)):
         die(f"lora_targets must name some of {','.join(LORA_TARGETS)}, got '{cfg.lora_targets}'")
     if cfg.lora_rank > 0 and cfg.init_from == 'scratch':
         die("LoRA adapts a trained model: set init_from to gpt2 (or another Hub repository, or a checkpoint), "
             "or lora_rank=0 to train from scratch")
-
-
-def open_dataset(cfg):
-    """The dataset's meta and its train/val splits: token streams, memory-mapped, or Conversations."""
-    data_dir = os.path.join('data', cfg.dataset)
-    meta = load_meta(data_dir)
-    splits = {split: open_split(data_dir, split, meta['dtype'], cfg.block_size) for split in ('train', 'val')}
-    for split, data in splits.items():
-        if data is None:
-            how = f"python prepare.py {cfg.dataset}" + ("" if cfg.dataset in DATASETS else " --input=PATH")
-            die(f"dataset '{cfg.dataset}' is not prepared ({data_dir}/{split}.bin is missing): run {how}")
-        if isinstance(data, Conversations):
-            if len(data) == 0:
-                die(f"no conversation of the {split} split of {data_dir} has an assistant token within block_size "
-                    f"{cfg.block_size}: raise block_size")
-            if data.skipped:
-                print(f"{data.skipped:,} conversations of the {split} split have no assistant token within block_size "
-                      f"{cfg.block_size}: left out")
-        elif len(data) <= cfg.block_size:
-            die(f"the {split} split of {data_dir} has {len(data)} tokens, too few for block_size {cfg.block_size}: "
-                f"use --block_size={max(1, len(data) // 2)} or more text")
-    return meta, splits
 
 
 def main(argv):
@@ -276,7 +267,7 @@ def main(argv):
               f"{world_size} process(es), {torch.get_num_threads()} threads each")
         print(f"tokens per iteration will be: {tokens_per_iter:,}")
 
-    meta, splits = open_dataset(cfg)  # meta: what the checkpoints record of the tokenizer
+    meta, splits = open_dataset(cfg.dataset, cfg.block_size)  # meta: what the checkpoints record of the tokenizer
     tasks = [read_task(path.strip()) for path in cfg.eval_tasks.split(',') if path.strip()] if master else []
 
     # the model: new (its initialization seeded), the one in out_dir/ckpt.pt, or pretrained weights to fine-tune
@@ -324,6 +315,7 @@ def main(argv):
     if cfg.lora_rank > 0 and not resume:  # (a resumed LoRA checkpoint brought its adapters)
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, lora_settings(cfg)['targets'])
     model_args = asdict(model.config)
+    task_tokenizer = Tokenizer(meta) if tasks else None  # the tokenizer of the data, special tokens included
     model.to(device)
     if master:
         print(f"model: {model.get_num_params() / 1e6:.2f}M parameters")
@@ -351,6 +343,8 @@ def main(argv):
     resumed_at = iter_num if checkpoint is not None and not preempted and not cfg.eval_only else None
     # with always_save_checkpoint off, ckpt.pt holds the best model until a preemption saves over it
     ckpt_is_best = checkpoint is not None and checkpoint.get('is_best', not preempted)
+    # how far the run had got, for the metrics log: wall seconds and tokens trained on (older checkpoints: unknown)
+    reached = (checkpoint.get('seconds'), checkpoint.get('tokens')) if resume else (0.0, 0)
     checkpoint = None  # free the memory
 
     raw_model = model  # the plain model: what is saved, evaluated for MFU, and configured
@@ -363,7 +357,13 @@ def main(argv):
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg))
     peak_flops = measure_peak_flops(device, dtype) if master else 1.0
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        except OSError as e:
+            die(f"cannot make out_dir {cfg.out_dir} ({e.strerror or e}): pass another --out_dir")
+    # out_dir/metrics.jsonl: every log line and eval, for plot.py; a resume drops the records it will redo
+    metrics = MetricsLog(cfg.out_dir, iter_num if resume else None, *reached, plot=cfg.plot) \
+        if master and not cfg.eval_only else None
     ckpt_path, best_path = os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'best.pt')
     # a LoRA checkpoint holds the adapters and names the model they adapt: the base's weights are not copied
     lora = lora_settings(cfg, base=source) if cfg.lora_rank > 0 else None
@@ -373,15 +373,16 @@ def main(argv):
         return {'model': lora_state_dict(raw_model) if lora else raw_model.state_dict(), 'lora': lora, **states,
                 'model_args': model_args, 'iter_num': iter_num,
                 'best_val_loss': best_val_loss, 'config': vars(cfg), 'meta': meta, 'init_from': source,
-                'scaler': scaler.state_dict(), 'is_best': is_best, 'preempted': preempted}
+                'scaler': scaler.state_dict(), 'is_best': is_best, 'preempted': preempted,
+                'tokens': trained(), 'seconds': metrics.elapsed() if metrics else None}
 
     # SIGTERM (preemption) and SIGINT (Ctrl-C): finish the step, save, exit cleanly
     stop_requests = []
 
     def request_stop(signum, frame):
-        if stop_requests:  # a second signal: stop now, without saving
-            raise KeyboardInterrupt
         stop_requests.append(signum)
+        if len(stop_requests) > 1:  # a second signal: stop now, without saving
+            raise KeyboardInterrupt
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, request_stop)
 
@@ -391,103 +392,128 @@ def main(argv):
                          batch_rng(cfg.seed, 0, iter_num, micro_index), device, cfg.mask_prompt)
 
     x, y, n_tokens = next_batch(iter_num, 0)
-    t0 = time.time()
-    running_mfu = -1.0
+    t0 = run_start = time.time()
+    # (time, iteration) at the last log lines, spanning an eval or more: the time left, evals included
+    recent = deque([(t0, iter_num)], maxlen=max(10, math.ceil(cfg.eval_interval / cfg.log_interval) + 1))
+    running_mfu, train_loss, stopped_by, last_log = -1.0, None, 'an error', iter_num
     loss_sum = torch.zeros((), device=device)
     tokens_seen = 0  # by this process since the last log line: real tokens, without a chat batch's padding
-    while True:
-        lr = get_lr(iter_num, cfg) if cfg.decay_lr else cfg.learning_rate
-        for optimizer, opt_lr in zip(optimizers, (lr, lr * cfg.muon_lr / cfg.learning_rate)):
-            for group in optimizer.param_groups:
-                group['lr'] = opt_lr
+    tokens_total = metrics.tokens if metrics else 0  # by all processes up to the last log line, resumes included
 
-        if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only) \
-                and iter_num != resumed_at and master:
-            losses = estimate_loss(model, splits, cfg, device, ctx)
-            line = f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-            logged = {'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr,
-                      'mfu': running_mfu * 100}
-            for task in tasks:  # what the model can do: acc_norm (multiple choice) or exact match (generation)
-                results, _, _ = run_task(raw_model, Tokenizer(meta), task, cfg.eval_task_limit, device=device, ctx=ctx)
-                name = os.path.splitext(os.path.basename(task[0]))[0]
-                line += f", {name} {results['metric']} {results[results['metric']]:.4f}"
-                logged[f"tasks/{name}/{results['metric']}"] = results[results['metric']]
-            print(line)
-            if cfg.wandb_log:
-                wandb.log(logged)
-            if not math.isfinite(losses['val']):
-                die(f"val loss is {losses['val']} at iteration {iter_num}: lower learning_rate or raise "
-                    f"warmup_iters; the last good checkpoint in {cfg.out_dir} is kept")
-            improved = losses['val'] < best_val_loss
-            best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
-                checkpoint = make_checkpoint(is_best=improved)
-                print(f"saving checkpoint to {cfg.out_dir}")
-                if save_checkpoint(checkpoint, ckpt_path):
-                    ckpt_is_best = improved
-                if improved and cfg.always_save_checkpoint:  # ckpt.pt is the latest; keep the best apart
-                    save_checkpoint(checkpoint, best_path)
-                checkpoint = None
-        if cfg.eval_only or iter_num >= cfg.max_iters:
-            break
+    def trained():  # tokens trained on so far, by all processes (the others' as many as ours)
+        return tokens_total + tokens_seen * world_size
+    try:
+        while True:
+            lr = get_lr(iter_num, cfg) if cfg.decay_lr else cfg.learning_rate
+            muon_lr = lr / cfg.learning_rate * cfg.muon_lr if cfg.learning_rate > 0 else cfg.muon_lr  # AdamW's schedule
+            for optimizer, opt_lr in zip(optimizers, (lr, muon_lr)):
+                for group in optimizer.param_groups:
+                    group['lr'] = opt_lr
 
-        # one optimizer step: forward and backward over accum_steps micro-batches
-        # dropout's randomness, like the batches, is a function of (seed, step, process): resumes are exact
-        torch.manual_seed(int(batch_rng(cfg.seed, 2, iter_num, rank).integers(2 ** 62)))
-        step_loss = torch.zeros((), device=device)
-        for micro_step in range(accum_steps):
-            if ddp:  # average the gradients across processes only once, at the last micro-step
-                model.require_backward_grad_sync = (micro_step == accum_steps - 1)
-            with ctx:
-                _, loss = model(x, y)
-                loss = loss / accum_steps  # the gradients add up over micro-steps: make them a mean
-            tokens_seen += n_tokens
-            # fetch the next batch while the device works on this one
-            x, y, n_tokens = next_batch(*((iter_num, micro_step + 1) if micro_step + 1 < accum_steps
-                                          else (iter_num + 1, 0)))
-            scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        if optimizer_step(model, optimizers, scaler, cfg.grad_clip, cfg.skip_nonfinite):
-            loss_sum += step_loss
-        else:
-            print(f"iter {iter_num}: gradients are not finite, step skipped")
-        iter_num += 1
+            if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only) \
+                    and iter_num != resumed_at and master:
+                losses = estimate_loss(model, splits, cfg, device, ctx)
+                line = f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                logged = {'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr,
+                          'mfu': running_mfu * 100}
+                for task in tasks:  # what the model can do: acc_norm (multiple choice) or exact match (generation)
+                    results, _, _ = run_task(raw_model, task_tokenizer, task, cfg.eval_task_limit, device=device, ctx=ctx)
+                    name = os.path.splitext(os.path.basename(task[0]))[0]
+                    line += f", {name} {results['metric']} {results[results['metric']]:.4f}"
+                    logged[f"tasks/{name}/{results['metric']}"] = results[results['metric']]
+                print(line)
+                if cfg.wandb_log:
+                    wandb.log(logged)
+                if not math.isfinite(losses['val']):
+                    die(f"val loss is {losses['val']} at iteration {iter_num}: lower learning_rate or raise "
+                        f"warmup_iters; the last good checkpoint in {cfg.out_dir} is kept")
+                if metrics:
+                    metrics.write(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr, tokens=trained(),
+                                  **{k.removeprefix('tasks/'): v for k, v in logged.items() if k.startswith('tasks/')})
+                    metrics.draw()
+                improved = losses['val'] < best_val_loss
+                best_val_loss = min(best_val_loss, losses['val'])
+                if iter_num > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
+                    checkpoint = make_checkpoint(is_best=improved)
+                    print(f"saving checkpoint to {cfg.out_dir}")
+                    if save_checkpoint(checkpoint, ckpt_path):
+                        ckpt_is_best = improved
+                    if improved and cfg.always_save_checkpoint:  # ckpt.pt is the latest; keep the best apart
+                        save_checkpoint(checkpoint, best_path)
+                    checkpoint = None
+            if cfg.eval_only or iter_num >= cfg.max_iters:
+                stopped_by = 'max_iters'
+                break
 
-        stop = bool(stop_requests)
-        if ddp:  # every process stops at the same step, whichever of them got the signal
-            flag = torch.tensor(float(stop), device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = flag.item() > 0
-        if stop:
-            if master and not math.isfinite(loss_sum.item()):
-                print(f"stopped by a signal at iteration {iter_num}, not saved: the loss is not finite")
-            elif master:
-                if not cfg.always_save_checkpoint and ckpt_is_best and os.path.exists(ckpt_path):
-                    shutil.copyfile(ckpt_path, best_path + '.tmp')  # keep the best model as best.pt
-                    os.replace(best_path + '.tmp', best_path)
-                if save_checkpoint(make_checkpoint(is_best=False, preempted=True), ckpt_path):
-                    print(f"stopped by a signal at iteration {iter_num}: saved {ckpt_path}; "
-                          f"continue with --init_from=resume")
-            break
+            # one optimizer step: forward and backward over accum_steps micro-batches
+            # dropout's randomness, like the batches, is a function of (seed, step, process): resumes are exact
+            torch.manual_seed(int(batch_rng(cfg.seed, 2, iter_num, rank).integers(2 ** 62)))
+            step_loss = torch.zeros((), device=device)
+            for micro_step in range(accum_steps):
+                if ddp:  # average the gradients across processes only once, at the last micro-step
+                    model.require_backward_grad_sync = (micro_step == accum_steps - 1)
+                with ctx:
+                    _, loss = model(x, y)
+                    loss = loss / accum_steps  # the gradients add up over micro-steps: make them a mean
+                tokens_seen += n_tokens
+                # fetch the next batch while the device works on this one
+                x, y, n_tokens = next_batch(*((iter_num, micro_step + 1) if micro_step + 1 < accum_steps
+                                              else (iter_num + 1, 0)))
+                scaler.scale(loss).backward()
+                step_loss += loss.detach()
+            if optimizer_step(model, optimizers, scaler, cfg.grad_clip, cfg.skip_nonfinite):
+                loss_sum += step_loss
+            else:
+                print(f"iter {iter_num}: gradients are not finite, step skipped")
+            iter_num += 1
 
-        if iter_num % cfg.log_interval == 0 and master:
-            t1 = time.time()
-            dt = (t1 - t0) / cfg.log_interval
-            t0 = t1
-            loss = loss_sum.item() / cfg.log_interval  # .item() waits for the device: only here
-            if not math.isfinite(loss):
-                die(f"loss is {loss} at iteration {iter_num}: lower learning_rate or raise warmup_iters; "
-                    f"the last good checkpoint in {cfg.out_dir} is kept")
-            tokens_per_step = tokens_seen * world_size / cfg.log_interval  # the other processes' as many as ours
-            if iter_num >= 5 * cfg.log_interval:  # the first steps include warm-up and compilation
-                mfu = raw_model.estimate_mfu(tokens_per_step / cfg.block_size, dt, peak_flops * world_size,
-                                             cfg.block_size)
-                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-            print(f"iter {iter_num}: loss {loss:.4f}, time {dt * 1000:.2f}ms, "
-                  f"tok/s {tokens_per_step / dt:,.0f}, mfu {max(running_mfu, 0) * 100:.2f}%")
-        if iter_num % cfg.log_interval == 0:
-            loss_sum.zero_()
-            tokens_seen = 0
+            stop = bool(stop_requests)
+            if ddp:  # every process stops at the same step, whichever of them got the signal
+                flag = torch.tensor(float(stop), device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                stop = flag.item() > 0
+            if stop:
+                if master and not math.isfinite(loss_sum.item()):
+                    print(f"stopped by a signal at iteration {iter_num}, not saved: the loss is not finite")
+                elif master:
+                    if not cfg.always_save_checkpoint and ckpt_is_best and os.path.exists(ckpt_path):
+                        shutil.copyfile(ckpt_path, best_path + '.tmp')  # keep the best model as best.pt
+                        os.replace(best_path + '.tmp', best_path)
+                    if save_checkpoint(make_checkpoint(is_best=False, preempted=True), ckpt_path):
+                        print(f"stopped by a signal at iteration {iter_num}: saved {ckpt_path}; "
+                              f"continue with --init_from=resume")
+                stopped_by = 'a signal'
+                break
+
+            if iter_num % cfg.log_interval == 0 and master:
+                t1, steps = time.time(), iter_num - last_log  # (fewer than log_interval steps after a resume)
+                dt = (t1 - t0) / steps
+                t0, last_log = t1, iter_num
+                loss = loss_sum.item() / steps  # .item() waits for the device: only here
+                if not math.isfinite(loss):
+                    die(f"loss is {loss} at iteration {iter_num}: lower learning_rate or raise warmup_iters; "
+                        f"the last good checkpoint in {cfg.out_dir} is kept")
+                tokens_per_step = tokens_seen * world_size / steps  # the other processes' as many as ours
+                if iter_num >= 5 * cfg.log_interval:  # the first steps include warm-up and compilation
+                    mfu = raw_model.estimate_mfu(tokens_per_step / cfg.block_size, dt, peak_flops * world_size,
+                                                 cfg.block_size)
+                    running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+                tokens_total += tokens_seen * world_size
+                train_loss = loss
+                recent.append((t1, iter_num))
+                eta = (t1 - recent[0][0]) / (iter_num - recent[0][1]) * (cfg.max_iters - iter_num)
+                print(f"iter {iter_num}: loss {loss:.4f}, time {dt * 1000:.2f}ms, "
+                      f"tok/s {tokens_per_step / dt:,.0f}, mfu {max(running_mfu, 0) * 100:.2f}%, eta {duration(eta)}")
+                metrics.write(iter=iter_num, loss=loss, lr=lr, ms=dt * 1000, tok_s=tokens_per_step / dt,
+                              mfu=running_mfu * 100 if running_mfu >= 0 else None, tokens=tokens_total)
+            if iter_num % cfg.log_interval == 0:
+                loss_sum.zero_()
+                tokens_seen = 0
+    finally:  # however the run ends: what it reached, where its files are, what to do next
+        if metrics:
+            summary(cfg.out_dir, iter_num, cfg.max_iters, train_loss, trained(), time.time() - run_start,
+                    metrics.elapsed(), 'a second signal' if len(stop_requests) > 1 else stopped_by,
+                    'chat_template' in meta)
 
     if ddp:  # leave together: a rank that tears down while rank 0 still evaluates and saves can abort
         torch.distributed.barrier()
@@ -495,4 +521,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:  # a second Ctrl-C (or signal) while the first one's step finishes
+        die("interrupted: nothing was saved after the last checkpoint")

@@ -17,5 +17,9 @@ def test_ablate_runs_each_option_on_and_off_and_prints_its_table(tmp_path, small
     assert [r[0] for r in rows] == ['GPT-2 recipe (baseline)', 'baseline + relu2', 'baseline + muon',
                                     'speedrun config', 'speedrun - relu2', 'speedrun - muon']
     assert all(0 < float(loss) < 4.5 and int(steps) >= 10 for _, loss, steps, _ in rows)  # trained, from ln(65)
+    # each run keeps its metrics in out-ablate/<run>, and one picture compares them
+    assert 'the runs\' curves: out-ablate/curves.png' in out and (tmp_path / 'out-ablate' / 'curves.png').stat().st_size > 0
+    assert (tmp_path / 'out-ablate' / 'baseline-relu2' / 'metrics.jsonl').exists()
+    assert len(list((tmp_path / 'out-ablate').glob('*/metrics.jsonl'))) == 6
     bad = run('ablate.py', '--options=bogus', cwd=tmp_path, check=False)
     assert bad.returncode == 1 and 'unknown option(s) bogus' in bad.stderr

@@ -326,7 +326,7 @@ def test_lora_on_grown_chat_tokens_and_a_chat_model_trained_on_text(tmp_path, ch
     assert proc.returncode != 0 and 'with LoRA their rows would stay frozen' in proc.stderr
     assert 'Traceback' not in proc.stderr
     proc = run('eval.py', f'--out_dir={chat_model}', '--max_new_tokens=0', cwd=cwd, check=False)
-    assert proc.returncode != 0 and 'need max_new_tokens > 0' in proc.stderr and 'Traceback' not in proc.stderr
+    assert proc.returncode != 0 and 'max_new_tokens must be > 0, got 0' in proc.stderr and 'Traceback' not in proc.stderr
 
 
 # -----------------------------------------------------------------------------

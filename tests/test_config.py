@@ -1,4 +1,5 @@
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -57,8 +58,8 @@ def test_every_shipped_config_loads():
     import os
     configs = glob.glob(os.path.join(os.path.dirname(train.__file__), 'config', '*.py'))
     assert configs
-    for path in configs:
-        load_config(train.DEFAULTS, [path])
+    for path in configs:  # and passes train.py's checks (ranges, min_lr <= learning_rate when it decays, ...)
+        train.check_config(SimpleNamespace(**load_config(train.DEFAULTS, [path])))
 
 
 def test_lr_schedule():

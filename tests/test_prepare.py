@@ -317,13 +317,13 @@ def test_an_interrupted_prepare_never_leaves_a_dataset_that_looks_complete(tmp_p
     cfg = train.SimpleNamespace(**{**train.DEFAULTS, 'dataset': 'd_char', 'block_size': 8})
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match='is incomplete: a prepare.py writing it was interrupted; run it again'):
-        train.open_dataset(cfg)
+        train.open_dataset(cfg.dataset, cfg.block_size)
 
     # a re-run starts clean and leaves a complete dataset
     prepare('d_char', str(tmp_path / 'old.txt'), data_root=str(tmp_path / 'data'))
     assert sorted(os.listdir(data_dir)) == ['meta.json', 'train.bin', 'val.bin']
     assert {n: open(os.path.join(data_dir, n), 'rb').read() for n in old} == old
-    train.open_dataset(cfg)
+    train.open_dataset(cfg.dataset, cfg.block_size)
 
 
 # -----------------------------------------------------------------------------

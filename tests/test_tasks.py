@@ -12,10 +12,10 @@ import torch
 from torch.nn import functional as F
 
 import tasks
-from conftest import run
+from conftest import gpt2_bpe_available, run
 from checkpoint import load_checkpoint
-from dataset import checkpoint_meta
-from test_serve import ckpt, server  # noqa: F401 (fixtures: the tiny model, and its server)
+from dataset import GPT2_META, checkpoint_meta
+from test_serve import ckpt, greedy, server  # noqa: F401 (fixtures: the tiny model, and its server)
 from tokenizer import Tokenizer
 
 # the model has learnt these continuations; the other choices are its own characters in another order
@@ -23,7 +23,7 @@ RECORDS = [
     {'context': 'The quick brown fox jumps', 'choices': ['over the lazy dog.', 'of fish.', 'on the mat,'], 'answer': 0},
     {'context': 'A stitch in time saves', 'choices': ['fish', 'my cat?', 'nine!'], 'answer': 2},
     {'ctx': 'Where is my', 'endings': ['dog?', 'cat?', 'fox!', 'time'], 'label': '1'},  # HellaSwag's own fields
-    {'context': 'She sleeps on the', 'choices': ['mat, and', 'lazy dog.'], 'answer': 0},
+    {'context': 'She sleeps on the ', 'choices': ['mat, and', 'lazy dog.'], 'answer': 0},  # (its space goes to the choice)
     # a context longer than the model's 32 positions: it is cut from the left, for each choice as it fits
     {'context': 'The quick brown fox jumps over the lazy dog. A stitch in time saves nine!\nWhere is my',
      'choices': [' cat?', ' dog. She sleeps'], 'answer': 0},
@@ -45,10 +45,12 @@ def plain_scores(model, tokenizer, context, choices):
     """The independent computation: for each choice, one plain forward pass of context + choice (no cache, no
     batch, no sharing), the sum of log-softmax at the choice's tokens. Context and choice are cut to their last
     block_size + 1 tokens, as lm-evaluation-harness does."""
-    conts = [tokenizer.encode(c if context[-1].isspace() or c[0].isspace() else ' ' + c) for c in choices]
     scores = []
-    for cont in conts:
-        ctx = tokenizer.encode(context)
+    for choice in choices:
+        # lm-evaluation-harness's pair: context, " " + choice; then the context's last whitespace goes to the choice
+        text = context + ('' if context[-1] in ' \n' or choice[0] == ' ' else ' ') + choice
+        n = len(context) - len(context.rstrip(' \n'))
+        ctx, cont = tokenizer.encode(context[:len(context) - n]), tokenizer.encode(text[len(context) - n:])
         ctx = ctx[len(ctx) - min(len(ctx), model.config.block_size + 1 - len(cont)):]
         ids = torch.tensor([ctx + cont])
         logits, _ = model(ids[:, :-1], ids[:, 1:])  # every position's logits
@@ -103,6 +105,21 @@ def test_shuffled_choices_give_the_same_scores(model_and_tokenizer, tmp_path):
         assert row['logprobs'] == pytest.approx(list(reversed(base_row['logprobs'])), abs=1e-5)
 
 
+def test_split_choice_moves_the_space_to_the_choice():
+    assert tasks.split_choice('The capital of France is', 'Paris') == ('The capital of France is', ' Paris')
+    assert tasks.split_choice('The capital of France is ', 'Paris') == ('The capital of France is', ' Paris')
+    assert tasks.split_choice('Question?\nAnswer:\n', 'Paris') == ('Question?\nAnswer:', '\nParis')
+    assert tasks.split_choice('a', ' b') == ('a', ' b') and tasks.split_choice('', 'b') == ('', 'b')
+
+
+def test_one_record_has_no_standard_error_and_the_output_is_strict_json(ckpt, tmp_path):
+    path = write_jsonl(tmp_path / 'mc.jsonl', RECORDS[:1])
+    out = run('eval.py', f'--out_dir={ckpt}', f'--task={path}', '--output=one.json', '--device=cpu', cwd=tmp_path).stdout
+    assert '| acc 1.0000 ± n/a | acc_norm 1.0000 ± n/a |' in out
+    saved = json.loads((tmp_path / 'one.json').read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert saved['results']['acc_stderr'] is None
+
+
 def test_eval_py_task_output_and_limit(ckpt, tmp_path):
     path = write_jsonl(tmp_path / 'mc.jsonl', RECORDS)
     out = run('eval.py', f'--out_dir={ckpt}', f'--task={path}', '--limit=2', '--output=scores.json', '--device=cpu',
@@ -117,14 +134,15 @@ def test_generation_metrics_against_hand_computed_values():
     assert tasks.normalize('The  Cat, sat!') == 'cat sat'
     assert tasks.token_f1('the cat sat', 'a cat sat down') == pytest.approx(0.8)  # P 2/2, R 2/3
     assert tasks.token_f1('dog', 'cat') == 0.0 and tasks.token_f1('', '') == 1.0
-    results = tasks.generation_metrics([' w b c d', 'x'], [['w b c e'], ['y', ' x ']], [True, False])
+    results, rows = tasks.generation_metrics([' w b c d', 'x'], [['w b c e'], ['y', ' x ']], [True, False])
+    assert [r['exact_match'] for r in rows] == [0, 1] and rows[0]['f1'] == pytest.approx(0.75)
     assert results['exact_match'] == 0.5  # ' x ' stripped is 'x'
     assert results['f1'] == pytest.approx((0.75 + 1.0) / 2)  # w b c d / w b c e: 3 of 4 words each way
     assert results['rougeL'] == pytest.approx((0.75 + 1.0) / 2)  # longest common subsequence 3 of 4
     assert results['stop_rate'] == 0.5
     # BLEU of 'a b c d' against 'a b c e' alone: precisions 3/4, 2/3, 1/2 and (exp-smoothed) 1/2 for 0/1,
     # brevity penalty 1: 100 * (3/4 * 2/3 * 1/2 * 1/2) ** (1/4)
-    alone = tasks.generation_metrics(['a b c d'], [['a b c e']], [True])
+    alone, _ = tasks.generation_metrics(['a b c d'], [['a b c e']], [True])
     assert alone['bleu'] == pytest.approx(100 * (3 / 4 * 2 / 3 * 1 / 2 * 1 / 2) ** 0.25)
 
 
@@ -227,8 +245,8 @@ def test_echoed_logprobs_equal_eval_py_scores(server, ckpt, tmp_path):
     scores = json.loads((tmp_path / 'scores.json').read_text())['records']
     _, _, records = tasks.read_task(path)
     for record, row in zip(records, scores):
-        context = record['context']
-        prompts = [context + ' ' + choice for choice in record['choices']]
+        context = tasks.split_choice(record['context'], record['choices'][0])[0]
+        prompts = [''.join(tasks.split_choice(record['context'], choice)) for choice in record['choices']]
         # as lm-evaluation-harness asks: every prompt echoed with its logprobs, plus one generated token it ignores
         answer = completion(server, prompt=prompts, max_tokens=1, logprobs=1, echo=True, temperature=0)
         assert [c['index'] for c in answer['choices']] == list(range(len(prompts)))
@@ -283,6 +301,20 @@ def test_logprobs_top_alternatives_echo_and_token_prompts(server, model_and_toke
 def test_bad_logprobs_requests_are_400(server, body, message):
     r = requests.post(server.url + '/v1/completions', json={'prompt': 'The quick brown', **body}, timeout=30)
     assert r.status_code == 400 and message in r.json()['error']['message'], r.text
+
+
+def test_several_prompts_with_n_completions_each_come_in_order(server, ckpt):
+    answer = completion(server, prompt=['The quick', 'Where is'], n=2, max_tokens=6, temperature=0)
+    texts = [c['text'] for c in sorted(answer['choices'], key=lambda c: c['index'])]
+    assert texts == [greedy(ckpt, 'The quick', 6)] * 2 + [greedy(ckpt, 'Where is', 6)] * 2  # prompt p's i-th: p * n + i
+    assert answer['usage'] == {'prompt_tokens': 17, 'completion_tokens': 24, 'total_tokens': 41}
+
+
+@pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
+def test_special_token_names_are_those_tokens_in_tokenize():
+    tokenizer = Tokenizer(GPT2_META)
+    assert tokenizer.encode_special('a<|endoftext|>b') == tokenizer.encode('a') + [50256] + tokenizer.encode('b')
+    assert tokenizer.encode('<|endoftext|>') != [50256]  # a prompt's text stays text
 
 
 def test_tokenizer_endpoints_for_lm_evaluation_harness(server, model_and_tokenizer):

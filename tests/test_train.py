@@ -95,7 +95,7 @@ def test_best_checkpoint_is_not_replaced_by_a_worse_one(prepared):
     ('train.py', ['--dataset=nothing_here'], "dataset 'nothing_here' is not prepared"),
     ('train.py', ['--dataset=tiny_char', '--learnig_rate=1'], "did you mean 'learning_rate'"),
     ('train.py', ['--dataset=tiny_char', '--n_embd=100', '--n_head=3'], 'must be divisible by n_head'),
-    ('train.py', ['--dataset=tiny_char', '--batch_size=0'], 'batch_size must be positive'),
+    ('train.py', ['--dataset=tiny_char', '--batch_size=0'], 'batch_size must be > 0, got 0'),
     ('train.py', ['--dataset=tiny_char', '--block_size=100000'], 'too few for block_size 100000'),
     ('train.py', ['--dataset=tiny_char', '--device=cuda'], 'sees no CUDA GPU'),
     ('train.py', ['--dataset=tiny_char', '--init_from=resume', '--out_dir=empty'], 'no checkpoint at empty'),
