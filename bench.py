@@ -20,9 +20,12 @@ Otherwise the data is random tokens: speed does not depend on them.
 """
 
 import copy
+import json
 import os
+import re
 import sys
 import time
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,10 +33,10 @@ import torch
 from torch import nn
 
 import train
-from common import autocast_context, load_config, measure_peak_flops, pick_device, pick_dtype, synchronize
+from common import autocast_context, die, load_config, measure_peak_flops, pick_device, pick_dtype, synchronize
 from checkpoint import load_model, lora_settings
 from model import GPT, add_lora, merge_lora
-from dataset import load_meta, open_split
+from dataset import GPT2_META, load_meta, open_split
 
 DEFAULTS = {
     **train.DEFAULTS,
@@ -42,6 +45,7 @@ DEFAULTS = {
     'warmup_steps': 3,  # untimed steps first (compilation, allocator warm-up)
     'sample_tokens': 256,  # new tokens per sampling measurement (0 skips sampling)
     'baseline': True,  # also measure the float32 / full-recompute baselines
+    'serve_clients': '',  # e.g. '1,4,16': a server's aggregate tokens/s with that many clients at once (CPU)
 }
 
 
@@ -119,6 +123,74 @@ def matvec_speed(model, device, dtype, repeats=10):
     return repeats / (time.perf_counter() - t0)
 
 
+def serve_speed(cfg, model, dtype, clients):
+    """Serving: for each number of clients, that many streamed completions of sample_tokens tokens sent at
+    once to a server (sample.py --serve, started here on the model) and the same requests one at a time ->
+    {clients: (tokens/s one at a time, tokens/s together, [times to first token], [times between tokens])}."""
+    import http.client
+    import subprocess
+    import tempfile
+    import threading
+    with tempfile.TemporaryDirectory() as out_dir:
+        vocab = model.config.vocab_size  # a tokenizer for the model: GPT-2's, or one character per id
+        meta = dict(GPT2_META) if vocab >= GPT2_META['vocab_size'] else \
+            {'tokenizer': 'char', 'vocab_size': vocab, 'chars': [chr(0x4e00 + i) for i in range(vocab)], 'dtype': 'uint16'}
+        torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'meta': meta},
+                   os.path.join(out_dir, 'ckpt.pt'))
+        log_path = os.path.join(out_dir, 'server.log')
+        with open(log_path, 'w') as log:  # (a file, not a pipe: the server's request log must never block it)
+            server = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                    'sample.py'), f'--out_dir={out_dir}', '--serve',
+                                       '--port=0', f'--dtype={dtype}', f'--device={cfg.device}',
+                                       f'--max_batch={max(clients)}'], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = None
+            while url is None:  # its first line says where it listens
+                found = re.search(r'on (http://[\d.]+:\d+)/v1', open(log_path).read())
+                url = found and found.group(1)
+                if server.poll() is not None:
+                    die(f"the server did not start:\n{open(log_path).read()}")
+                time.sleep(0.1)
+            prompt = meta['chars'][0] if meta['tokenizer'] == 'char' else 'The'
+            host, port = url.removeprefix('http://').split(':')
+
+            def one(times):  # one streamed request -> tokens generated; times: when each piece came
+                t0 = time.perf_counter()
+                body = json.dumps({'prompt': prompt, 'max_tokens': cfg.sample_tokens, 'temperature': 1.0,
+                                   'stream': True, 'stream_options': {'include_usage': True}})
+                connection = http.client.HTTPConnection(host, port, timeout=600)
+                connection.request('POST', '/v1/completions', body, {'Content-Type': 'application/json'})
+                tokens = 0
+                for line in connection.getresponse():  # each event as it comes (a line is read when it arrives)
+                    if line.startswith(b'data: {'):
+                        event = json.loads(line[6:])
+                        if event['choices']:
+                            times.append(time.perf_counter() - t0)
+                        tokens = event.get('usage', {}).get('completion_tokens', tokens)
+                connection.close()
+                return tokens
+
+            one([])  # warm up
+            results = {}
+            for n in clients:
+                t0 = time.perf_counter()
+                alone = sum(one([]) for _ in range(n)) / (time.perf_counter() - t0)
+                times, tokens = [[] for _ in range(n)], [0] * n
+                threads = [threading.Thread(target=lambda i=i: tokens.__setitem__(i, one(times[i]))) for i in range(n)]
+                t0 = time.perf_counter()
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                together = sum(tokens) / (time.perf_counter() - t0)
+                results[n] = (alone, together, [t[0] for t in times if t],
+                              [b - a for t in times for a, b in zip(t, t[1:])])
+            return results
+        finally:
+            server.terminate()
+            server.wait()
+
+
 def main(argv):
     cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
     train.check_config(cfg)
@@ -179,6 +251,14 @@ def main(argv):
         rows.append(("sample tokens/s if only the matrix-vector products ran", f"{dtype} KV cache", tok_s,
                      f"{dtype} weights", matvec_speed(new_model(), device, dtype)))
 
+    if cfg.serve_clients:
+        clients = [int(n) for n in cfg.serve_clients.split(',')]
+        latencies = []
+        for n, (alone, together, first, between) in serve_speed(cfg, new_model(), dtype, clients).items():
+            rows.append((f"serve tokens/s, {n} client(s) of {cfg.sample_tokens} tokens", 'one at a time', alone,
+                         'together (continuous batching)', together))
+            latencies.append((n, *(np.percentile(v, q) * 1000 for v in (first, between) for q in (50, 95))))
+
     def fmt(v, is_mfu):
         return '-' if v is None else (f"{v * 100:.3g}%" if is_mfu else f"{v:,}" if isinstance(v, int) else f"{v:,.1f}")
     print("\n| measure | baseline | baseline value | gptforge | gptforge value | ratio |")
@@ -187,6 +267,10 @@ def main(argv):
         is_mfu = 'MFU' in what
         ratio = f"{ours / base:.2f}x" if base and not is_mfu else '-'  # MFUs have different peaks
         print(f"| {what} | {base_name} | {fmt(base, is_mfu)} | {ours_name} | {fmt(ours, is_mfu)} | {ratio} |")
+    if cfg.serve_clients:
+        print("\n| clients | time to first token, median | p95 | time between tokens, median | p95 |\n|---|---|---|---|---|")
+        for n, *ms in latencies:
+            print(f"| {n} | " + " | ".join(f"{v:,.1f} ms" for v in ms) + " |")
     return rows
 
 

@@ -24,7 +24,8 @@ from torch.nn import functional as F
 
 
 class KVCache:
-    """Keys and values of every layer for the positions seen so far, allocated once per generate()."""
+    """Keys and values of every layer for the positions seen so far, allocated once per generate(). Every row
+    is at the same position (RowCache, below, holds rows at their own)."""
 
     def __init__(self, n_layer, max_len):
         self.max_len = max_len
@@ -32,21 +33,87 @@ class KVCache:
         self.v = [None] * n_layer
         self.pos = 0  # how many positions the cache holds
 
+    def positions(self, T, device):
+        """The positions of T new tokens: (T,)."""
+        self.end = self.pos + T
+        return torch.arange(self.pos, self.end, device=device)
+
     def update(self, layer, k, v):
-        """Store k, v (B, nh, T, hs) at the next positions; return every position cached so far."""
+        """Store k, v (B, nh, T, hs) at the next positions -> (keys and values of every position so far, the
+        attention mask, is_causal): the new queries see all cached positions, and their own causally."""
         if self.k[layer] is None:
             B, nh, _, hs = k.shape
             self.k[layer] = k.new_empty(B, nh, self.max_len, hs)  # only written positions are read
             self.v[layer] = v.new_empty(B, nh, self.max_len, hs)
-        end = self.pos + k.size(2)
+        T = k.size(2)
+        end = self.pos + T
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        mask = torch.ones(T, end, dtype=torch.bool, device=k.device).tril(diagonal=self.pos) \
+            if self.pos > 0 and T > 1 else None
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask, self.pos == 0
+
+    def advance(self, T):
+        self.pos += T
 
     def repeat(self, n):
         """One cached row (a prompt) continued n ways: each layer's keys and values copied to n rows."""
         self.k = [k.expand(n, -1, -1, -1).contiguous() for k in self.k]
         self.v = [v.expand(n, -1, -1, -1).contiguous() for v in self.v]
+
+
+class RowCache:
+    """A server's keys and values: up to `rows` sequences decoded together, each at its own length (continuous
+    batching). Rows [0, n) are in use; a sequence joins with its prompt's KVCache (load) and leaves by giving its
+    row to the last one (move), so a step always runs on rows [0, n)."""
+
+    def __init__(self, n_layer, rows, max_len):
+        self.rows, self.max_len, self.n = rows, max_len, 0
+        self.k = [None] * n_layer  # per layer: (rows, nh, max_len, hs), allocated at the first load
+        self.v = [None] * n_layer
+        self.lengths = [0] * rows  # positions each row holds
+
+    def load(self, row, cache, length, src=0):
+        """Put the first `length` positions of row `src` of a KVCache into row `row`."""
+        for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
+            if self.k[layer] is None:  # zeros: the unused positions are masked, and 0 * a finite value is 0
+                self.k[layer] = k.new_zeros(self.rows, k.size(1), self.max_len, k.size(3))
+                self.v[layer] = v.new_zeros(self.rows, v.size(1), self.max_len, v.size(3))
+            self.k[layer][row, :, :length] = k[src, :, :length]
+            self.v[layer][row, :, :length] = v[src, :, :length]
+        self.lengths[row] = length
+
+    def move(self, src, dst):
+        length = self.lengths[dst] = self.lengths[src]
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+    def positions(self, T, device):
+        """The positions of T new tokens in each row in use: (n, T). Also the mask this step's layers share:
+        a row's query at position p sees that row's positions up to p."""
+        lengths = self.lengths[:self.n]
+        self.pos = torch.tensor(lengths, device=device)[:, None] + torch.arange(T, device=device)
+        self.end = max(lengths) + T
+        self.mask = None if T == 1 and min(lengths) == max(lengths) else \
+            (torch.arange(self.end, device=device) <= self.pos[:, :, None])[:, None]  # (n, 1, T, end); None: all seen
+        return self.pos
+
+    def update(self, layer, k, v):
+        """Store k, v (n, nh, T, hs) at each row's next positions -> (keys, values, mask, is_causal)."""
+        if self.n == 1:  # one row (one client): a slice, as KVCache writes
+            start = self.lengths[0]
+            self.k[layer][0, :, start:start + k.size(2)] = k[0]
+            self.v[layer][0, :, start:start + v.size(2)] = v[0]
+        else:
+            rows = torch.arange(self.n, device=k.device)[:, None]
+            self.k[layer][rows, :, self.pos] = k.transpose(1, 2)  # indexed (row, position): (n, T, nh, hs)
+            self.v[layer][rows, :, self.pos] = v.transpose(1, 2)
+        return self.k[layer][:self.n, :, :self.end], self.v[layer][:self.n, :, :self.end], self.mask, False
+
+    def advance(self, T):
+        for row in range(self.n):
+            self.lengths[row] += T
 
 
 class Linear(nn.Linear):
@@ -119,12 +186,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         is_causal, mask = True, None
         if cache is not None:
-            start = cache.pos
-            k, v = cache.update(layer, k, v)  # (B, nh, start + T, hs)
-            if start > 0:  # the new queries see all cached positions, and their own causally
-                is_causal = False
-                if T > 1:
-                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            k, v, mask, is_causal = cache.update(layer, k, v)  # (B, nh, positions so far, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
@@ -233,21 +295,23 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None):
         B, T = idx.size()
-        start = cache.pos if cache is not None else 0
-        assert start + T <= self.config.block_size, \
-            f"cannot forward {start + T} positions, block_size is {self.config.block_size}"
+        # the new tokens' positions: (T,), or (B, T) in a RowCache, whose rows are at their own lengths
+        pos = cache.positions(T, idx.device) if cache is not None else torch.arange(T, device=idx.device)
+        end = cache.end if cache is not None else T  # one past the last position (a host value: no device sync)
+        assert end <= self.config.block_size, f"cannot forward {end} positions, block_size is {self.config.block_size}"
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.rope:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, hs/2) each
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, hs/2) each, or (B, T, hs/2)
+            rope = tuple(r[:, None] for r in rope) if pos.dim() == 2 else rope  # (B, 1, T, hs/2): the heads share it
         else:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+            x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer, rope)
         x = self.transformer.ln_f(x)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
 
         if targets is not None:
             logits = self.softcap(self.lm_head(x))  # (B, T, vocab_size)
@@ -346,8 +410,9 @@ class GPT(nn.Module):
         return torch.cat([idx] + new, dim=1)
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """Pick one token per row of logits (B, vocab_size) -> (B, 1)."""
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row of logits (B, vocab_size) -> (B, 1). generator: the random numbers' source (a
+    request's own, in the server); the global one by default."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # greedy
     logits = logits / temperature
@@ -362,7 +427,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     # inverse-CDF sampling: one uniform number per row (multinomial draws one per token, ~1 ms for GPT-2)
     cdf = probs.cumsum(dim=-1)  # (B, vocab_size)
-    u = torch.rand(cdf.size(0), 1, device=cdf.device) * cdf[:, -1:]
+    u = torch.rand(cdf.size(0), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)  # first token with cdf > u
 
 

@@ -29,7 +29,8 @@ from common import check_ranges, die, load_config, pick_device, pick_dtype
 from checkpoint import load_model
 from model import merge_lora
 from dataset import checkpoint_meta
-from serve import complete, run_server
+from batcher import complete
+from serve import run_server
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -51,11 +52,15 @@ serve = False  # serve the model over HTTP (OpenAI's API and a chat page) instea
 host = '127.0.0.1'  # the address to listen on: only this machine by default; 0.0.0.0 opens it to the network
 port = 8000  # 0: any free port (printed at start)
 max_tokens_cap = 1024  # the largest max_tokens a request may ask for (past block_size each token is slower)
+max_batch = 16  # completions decoded together, from all requests (continuous batching: batcher.py)
+max_batch_tokens = 0  # tokens of KV cache the admitted requests may fill, prompt plus max_tokens each (0: max_batch x block_size)
+max_queue = 64  # requests waiting for room in the batch; more get a 429
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
 RANGES = {'num_samples': '> 0', 'max_new_tokens': '> 0', 'temperature': '>= 0', 'top_k': '>= 0', 'top_p': '(0, 1]',
-          'max_tokens_cap': '> 0', 'port': '[0, 65535]', 'seed': f'[{-2 ** 63}, {2 ** 64 - 1}]'}  # (common.check_ranges)
+          'max_tokens_cap': '> 0', 'port': '[0, 65535]', 'max_batch': '> 0', 'max_batch_tokens': '>= 0',
+          'max_queue': '> 0', 'seed': f'[{-2 ** 63}, {2 ** 64 - 1}]'}  # (common.check_ranges)
 
 
 def load_model_and_tokenizer(cfg, device):

@@ -8,9 +8,12 @@ events, one per token) and top_k (ours). POST /v1/chat/completions takes message
 max_completion_tokens, stream_options.include_usage), for a model fine-tuned on conversations: the
 messages are rendered with its chat template (tokenizer.py), ending with an open assistant turn, and the
 reply ends at the assistant's end token. GET / is a chat page (chat.html), GET /v1/models lists the one
-model and GET /health says it is up; both say whether it chats. Requests are handled in threads, but
-generation runs in the main thread, one request at a time, so outputs never mix and a seed gives the same
-text every time. The n completions of a request are one batch through the KV-cached generate_stream.
+model and GET /health says it is up; both say whether it chats. Requests are handled in threads; generation
+runs in the main thread, where the Batcher decodes every request's completions together (continuous
+batching: max_batch of them at once, a request joining and leaving between two tokens). Each completion keeps
+its own settings, and a seeded one its own random numbers, so its text does not depend on the others in the
+batch (exactly so when greedy; sampled, up to float rounding, which batch sizes change). Beyond max_batch
+requests wait, and beyond max_queue waiting they get a 429.
 
 For evaluation harnesses (lm-evaluation-harness's local-completions), /v1/completions also takes OpenAI's
 legacy logprobs (0..5) and echo, max_tokens 0 with echo, and a list of prompts (n completions each, in
@@ -36,16 +39,14 @@ from threading import Thread
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
-import torch
-
+from batcher import Batcher
 from common import die
-from tasks import token_logprobs
 from tokenizer import ROLES
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'chat.html')  # the chat page, GET /
 
 MAX_N = 16  # completions per request: n samples are one batch, so memory and time grow with n
-MAX_PROMPTS = 64  # prompts per completions request, generated one after another
+MAX_PROMPTS = 64  # prompts per completions request, each started when there is room in the batch
 MAX_LOGPROBS = 5  # alternatives per token in a completion's logprobs, as OpenAI
 MAX_STOPS = 4  # stop sequences per request, as OpenAI
 MAX_BODY = 1 << 20  # bytes of JSON a request may send
@@ -184,85 +185,6 @@ def tokenize(body, path, tokenizer, block_size):
     return {'prompt': tokenizer.decode(tokens)}
 
 
-def held_back(text, stops):
-    """Length of the longest end of text that could be the start of a stop sequence: not sent yet."""
-    for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
-        if any(s.startswith(text[-k:]) for s in stops):
-            return k
-    return 0
-
-
-def complete(model, tokenizer, device, ids, req, end_ids=None, generated=None):
-    """Generate the request's n completions as one batch; yield (index, new text, finish_reason, tokens).
-
-    finish_reason is None until a sample ends ('stop' or 'length'), tokens is how many it has generated.
-    A sample also stops at a token of end_ids (default: the end of text), which is not part of its text.
-    generated, a list, receives each sample's token ids (an end token included), for their logprobs.
-    Only one runs at a time (generation_loop): seeding the global RNG here makes the seed alone decide the text.
-    """
-    end_ids = {tokenizer.eot} if end_ids is None else end_ids
-    n, stops = req['n'], req['stop']
-    # the model sees the last block_size tokens anyway (as sample.py); dropping the rest here saves memory
-    x = torch.tensor(ids[-model.config.block_size:], dtype=torch.long, device=device)[None, :].repeat(n, 1)
-    if req['seed'] is not None:
-        torch.manual_seed(req['seed'])  # sample_next draws from the global RNG
-    stream = model.generate_stream(x, req['max_tokens'], req['temperature'], req['top_k'] or None, req['top_p'],
-                                   vocab_size=tokenizer.vocab_size)
-    new_ids, sent, done = [[] for _ in range(n)], [0] * n, [False] * n  # sent: characters already yielded
-    for step, tokens in enumerate(stream, 1):
-        last = step == req['max_tokens']
-        for i, token in enumerate(tokens[:, 0].tolist()):
-            if done[i]:
-                continue  # a stopped sample rides along in the batch until all have stopped
-            if token in end_ids:  # the model ended its text (GPT-2's <|endoftext|>): a stop, as in OpenAI's API
-                done[i] = True
-                if generated is not None:
-                    generated[i].append(token)
-                yield i, tokenizer.decode(new_ids[i])[sent[i]:], 'stop', len(new_ids[i]) + 1
-                continue
-            new_ids[i].append(token)
-            if generated is not None:
-                generated[i].append(token)
-            text = tokenizer.decode(new_ids[i])
-            if text.endswith('\ufffd') and not last:
-                continue  # wait for the rest of a character split across tokens
-            found = [j for j in (text.find(s) for s in stops) if j >= 0]
-            if found:
-                done[i] = True
-                yield i, text[sent[i]:min(found)], 'stop', len(new_ids[i])
-            elif last:
-                yield i, text[sent[i]:], 'length', len(new_ids[i])
-            else:
-                end = len(text) - held_back(text, stops)
-                yield i, text[sent[i]:end], None, len(new_ids[i])
-                sent[i] = end
-        if all(done):
-            return  # stops generate_stream
-
-
-@torch.no_grad()
-def completion_logprobs(model, tokenizer, rows, start, top, device):
-    """OpenAI's legacy logprobs of each row of token ids (at most block_size + 1 of them) from position start
-    on: {tokens, token_logprobs, top_logprobs (the `top` likeliest tokens, likeliest first), text_offset}.
-    A row's first token has no log-probability (null): nothing comes before it. Offsets count characters from
-    the start of the row's text. Tokens that decode alike (the bytes of a split character) share one entry."""
-    logprobs, y = token_logprobs(model, rows, tokenizer.vocab_size, device)  # (rows, width - 1, vocab)
-    chosen = logprobs.gather(-1, y.clamp(min=0)[..., None])[..., 0].tolist()  # only these leave the device
-    values, indices = logprobs.topk(top, dim=-1) if top else (None, None)
-    values, indices = (values.tolist(), indices.tolist()) if top else (None, None)
-    out = []
-    for r, ids in enumerate(rows):
-        n = len(ids) - 1
-        tops = [None] + [{} for _ in range(n)]
-        for j in range(n if top else 0):
-            for i, v in zip(indices[r][j], values[r][j]):
-                tops[j + 1].setdefault(tokenizer.decode([i]), v)
-        out.append({'tokens': [tokenizer.decode([i]) for i in ids[start:]],
-                    'token_logprobs': ([None] + chosen[r][:n])[start:], 'top_logprobs': tops[start:],
-                    'text_offset': [len(tokenizer.decode(ids[:j])) for j in range(start, len(ids))]})
-    return out
-
-
 class CompletionServer(ThreadingHTTPServer):
     daemon_threads = True  # Ctrl-C does not wait for clients still connected
     request_queue_size = 64  # connections waiting to be accepted; the default 5 drops bursts of clients
@@ -281,8 +203,8 @@ class CompletionHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def send_error_json(self, status, message, type='invalid_request_error', param=None):
-        self.send_json(status, {'error': {'message': message, 'type': type, 'param': param, 'code': None}})
+    def send_error_json(self, status, message, type='invalid_request_error', param=None, headers=None):
+        self.send_json(status, {'error': {'message': message, 'type': type, 'param': param, 'code': None}}, headers)
 
     def foreign_host(self):
         """A request whose Host is not this machine's, while the server listens on loopback only: a web page
@@ -353,9 +275,15 @@ class CompletionHandler(BaseHTTPRequestHandler):
         except BadRequest as e:
             return self.send_error_json(400, str(e), param=e.param)
 
-        end_ids = app.tokenizer.reply_ends if chat else None  # the assistant's end, normally
+        end_ids = app.tokenizer.reply_ends if chat else {app.tokenizer.eot}  # the assistant's end, or the text's
         job = SimpleNamespace(prompts=prompts, req=req, end_ids=end_ids, events=queue.Queue(), cancelled=False,
-                              error=None, logprobs={})
+                              finished=False, error=None, logprobs={}, held=[])
+        too_big = app.batcher.never_fits(job)  # a row per completion, and the cache its prompt and max_tokens fill
+        if too_big:
+            return self.send_error_json(400, too_big, param='n')
+        if app.jobs.qsize() + len(app.batcher.waiting) >= app.max_queue:  # (a deque's len is safe from a thread)
+            return self.send_error_json(429, f"{app.max_queue} requests are already waiting: try again in a moment",
+                                        'rate_limit_error', headers={'Retry-After': '1'})
         app.jobs.put(job)  # generated by the main thread (generation_loop), which passes the events back
         head = {'id': f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                 'object': 'chat.completion' if chat else 'text_completion', 'created': int(time.time()),
@@ -420,41 +348,23 @@ def usage(job, tokens):
 
 
 def generation_loop(app):
-    """Run the queued requests' generations one at a time, for ever.
+    """Run the requests' generations, for ever: a Batcher step at a time, taking new requests in between.
 
-    This runs in the main thread, and torch only ever runs here: one model call at a time, so outputs
-    never mix and a seed decides the text, and Ctrl-C stops the server between two tokens, as it stops
-    sample.py. (A handler thread still inside torch when Python exits can abort the process.)
-    """
+    This runs in the main thread, and torch only ever runs here: one model call at a time, and Ctrl-C stops
+    the server between two steps, as it stops sample.py. (A handler thread still inside torch when Python exits
+    can abort the process.)"""
+    batcher = app.batcher  # (made with the app: handlers read its queue's length)
     while True:
-        job, held = app.jobs.get(), []
-        n, top = job.req['n'], job.req.get('logprobs')
         try:
-            for p, ids in enumerate(job.prompts):
-                generated = [[] for _ in range(n)]
-                events = complete(app.model, app.tokenizer, app.device, ids, job.req, job.end_ids, generated) \
-                    if job.req['max_tokens'] else ((i, '', 'length', 0) for i in range(n))  # an echo of the prompt only
-                for i, *event in events:
-                    if job.cancelled:
-                        break
-                    if job.req['stream']:
-                        job.events.put((p * n + i, *event))
-                    else:  # its handler waits for the whole answer: waking it for every token costs ~10% here
-                        held.append((p * n + i, *event))
-                if job.cancelled:
-                    break
-                if top is not None and not job.cancelled:  # the tokens' log-probabilities, from one more forward pass
-                    start = 0 if job.req['echo'] else len(ids)
-                    rows = [ids + g for g in generated]
-                    for i, logprobs in enumerate(completion_logprobs(app.model, app.tokenizer, rows, start, top,
-                                                                     app.device)):
-                        job.logprobs[p * n + i] = logprobs
-        except Exception as e:  # out of memory, say: this request fails, the server goes on
+            while True:  # every request that came in, waiting for the next step when there is nothing to do
+                batcher.waiting.append(app.jobs.get(block=not batcher.busy()))
+        except queue.Empty:
+            pass
+        try:
+            batcher.step()
+        except Exception as e:  # out of memory, say: these requests fail, the server goes on
             traceback.print_exc()
-            job.error = f"generation failed: {type(e).__name__}: {e}"
-        for event in held:
-            job.events.put(event)
-        job.events.put(None)
+            batcher.fail(f"generation failed: {type(e).__name__}: {e}")
 
 
 def run_server(cfg, model, tokenizer, device):
@@ -464,9 +374,12 @@ def run_server(cfg, model, tokenizer, device):
     except OSError as e:
         die(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}): pick another --port or --host")
     name = cfg.out_dir if cfg.init_from == 'resume' else cfg.init_from  # the model's id in the API
+    block_size = model.config.block_size
     server.app = SimpleNamespace(model=model, tokenizer=tokenizer, device=device, jobs=queue.Queue(), name=name,
                                  created=int(time.time()), max_tokens_cap=cfg.max_tokens_cap,
-                                 loopback=cfg.host in LOOPBACK)
+                                 loopback=cfg.host in LOOPBACK, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
+                                 max_batch_tokens=cfg.max_batch_tokens or cfg.max_batch * block_size)
+    server.app.batcher = Batcher(server.app)
     host, port = server.server_address[:2]
     print(f"serving {name} on http://{host}:{port}/v1 (POST /v1/completions"
           + (", POST /v1/chat/completions, a chat page at GET /" if tokenizer.chat else "")
@@ -474,6 +387,11 @@ def run_server(cfg, model, tokenizer, device):
     if not server.app.loopback:
         print(f"warning: listening on {host}, without authentication: anyone who can reach it can use the model",
               flush=True)
+    cache_bytes = 2 * model.config.n_layer * cfg.max_batch * block_size * model.config.n_embd * \
+        next(model.parameters()).element_size()
+    print(f"continuous batching: up to {cfg.max_batch} completions at once, {server.app.max_batch_tokens:,} tokens "
+          f"of cache ({cache_bytes / 2 ** 20:,.0f} MiB, allocated at the first request), {cfg.max_queue} waiting",
+          flush=True)
     Thread(target=server.serve_forever, daemon=True).start()  # accepts connections; a thread per request
     try:
         generation_loop(server.app)

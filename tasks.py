@@ -4,8 +4,8 @@ scored by eval.py (--task=FILE) and, during training, by train.py (eval_tasks).
 
 Multiple choice: {"context": ..., "choices": [...], "answer": index}, or HellaSwag's own {"ctx": ...,
 "endings": [...], "label": index}. Each choice is scored as lm-evaluation-harness scores it: the sum of the
-log-probabilities of its tokens after the context's, the choice tokenized with the space before it
-(" Paris" after "The capital of France is"). acc: the best sum picks the right choice; acc_norm: the best
+log-probabilities of its tokens after the context's, the choice tokenized with a space before it
+(" Paris" after "The capital of France is"; whitespace that ends the context goes before that space). acc: the best sum picks the right choice; acc_norm: the best
 sum per UTF-8 byte of the choice does (longer choices are not penalised for their length). Both come with
 their standard errors. The text is scored as the file has it: lm-evaluation-harness's hellaswag task also
 rewrites HellaSwag's (its activity label first, [title] markers removed), so its figures differ a little.
@@ -103,13 +103,11 @@ def generation_record(record, where):
 
 
 def split_choice(context, choice):
-    """(context, continuation): the texts whose tokens are read and scored for a choice. As lm-evaluation-harness:
-    the choice after a space (not when the context ends with whitespace or the choice begins with it), and the
-    whitespace that ends the context moved to the continuation, where BPE tokenizers put it (" Paris", not
-    " " + "Paris")."""
-    choice = choice if not context or context[-1].isspace() or choice[0].isspace() else ' ' + choice
+    """(context, continuation): the texts whose tokens are read and scored for a choice, as lm-evaluation-harness
+    makes them: the choice after a space (its target delimiter), and the whitespace that ends the context moved
+    to the continuation, where BPE tokenizers put it (" Paris", not " " + "Paris")."""
     stripped = context.rstrip()
-    return stripped, context[len(stripped):] + choice
+    return stripped, context[len(stripped):] + ' ' + choice
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import requests
 import torch
 
 from conftest import CHAT_HTML_REPLY
-from serve import complete
+from batcher import complete
 from test_serve import start_server
 from tokenizer import Tokenizer
 

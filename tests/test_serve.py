@@ -18,7 +18,7 @@ import torch
 from conftest import ROOT
 from checkpoint import load_checkpoint
 from model import GPT, GPTConfig
-from serve import complete, held_back
+from batcher import complete, held_back
 
 TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine!\n"
         "Where is my cat? She sleeps on the mat, and dreams of fish.\n") * 4

@@ -26,7 +26,7 @@ RECORDS = [
     {'context': 'She sleeps on the ', 'choices': ['mat, and', 'lazy dog.'], 'answer': 0},  # (its space goes to the choice)
     # a context longer than the model's 32 positions: it is cut from the left, for each choice as it fits
     {'context': 'The quick brown fox jumps over the lazy dog. A stitch in time saves nine!\nWhere is my',
-     'choices': [' cat?', ' dog. She sleeps'], 'answer': 0},
+     'choices': ['cat?', 'dog. She sleeps'], 'answer': 0},
 ]
 
 
@@ -48,7 +48,7 @@ def plain_scores(model, tokenizer, context, choices):
     scores = []
     for choice in choices:
         # lm-evaluation-harness's pair: context, " " + choice; then the context's last whitespace goes to the choice
-        text = context + ('' if context[-1] in ' \n' or choice[0] == ' ' else ' ') + choice
+        text = context + ' ' + choice
         n = len(context) - len(context.rstrip(' \n'))
         ctx, cont = tokenizer.encode(context[:len(context) - n]), tokenizer.encode(text[len(context) - n:])
         ctx = ctx[len(ctx) - min(len(ctx), model.config.block_size + 1 - len(cont)):]
@@ -107,9 +107,9 @@ def test_shuffled_choices_give_the_same_scores(model_and_tokenizer, tmp_path):
 
 def test_split_choice_moves_the_space_to_the_choice():
     assert tasks.split_choice('The capital of France is', 'Paris') == ('The capital of France is', ' Paris')
-    assert tasks.split_choice('The capital of France is ', 'Paris') == ('The capital of France is', ' Paris')
-    assert tasks.split_choice('Question?\nAnswer:\n', 'Paris') == ('Question?\nAnswer:', '\nParis')
-    assert tasks.split_choice('a', ' b') == ('a', ' b') and tasks.split_choice('', 'b') == ('', 'b')
+    assert tasks.split_choice('The capital of France is ', 'Paris') == ('The capital of France is', '  Paris')
+    assert tasks.split_choice('Question?\nAnswer:\n', 'Paris') == ('Question?\nAnswer:', '\n Paris')
+    assert tasks.split_choice('', 'b') == ('', ' b')
 
 
 def test_one_record_has_no_standard_error_and_the_output_is_strict_json(ckpt, tmp_path):
