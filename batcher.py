@@ -108,10 +108,11 @@ def completion_logprobs(model, tokenizer, rows, start, top, device):
 
 class Sequence:
     """One completion in the batch: choice `choice` of its job, its tokens (prompt and generated), its own random
-    numbers (a seeded request's text depends on nothing else), and its text (Completion)."""
+    numbers (a seeded request's text depends on nothing else), its text (Completion), and the cache tokens it
+    may fill (need: what it gives back to the budget when it ends)."""
 
-    def __init__(self, job, choice, prompt, completion, device):
-        self.job, self.choice, self.tokens, self.prompt_len, self.completion = job, choice, list(prompt), len(prompt), completion
+    def __init__(self, job, choice, prompt, completion, device, need=0):
+        self.job, self.choice, self.tokens, self.completion, self.need = job, choice, list(prompt), completion, need
         seed = job.req['seed']
         self.generator = None if seed is None else torch.Generator(device).manual_seed((seed * 1_000_003 + choice) % 2 ** 64)
 
@@ -223,8 +224,7 @@ class Batcher:
         job, n, seqs = r.job, r.job.req['n'], []
         for i in range(n):
             seq = Sequence(job, r.p * n + i, job.prompts[r.p], Completion(self.app.tokenizer, job.req, job.end_ids),
-                           self.app.device)
-            seq.need = r.need
+                           self.app.device, r.need)
             seqs.append(seq)
             if len(r.context) < self.block_size:
                 self.cache.load(self.cache.n, cache, len(r.context), row)

@@ -414,22 +414,22 @@ def main(argv):
                     and iter_num != resumed_at and master:
                 losses = estimate_loss(model, splits, cfg, device, ctx)
                 line = f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                logged = {'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr,
-                          'mfu': running_mfu * 100}
-                for task in tasks:  # what the model can do: acc_norm (multiple choice) or exact match (generation)
+                figures = {}  # what the model can do: acc_norm (multiple choice) or exact match (generation)
+                for task in tasks:
                     results, _, _ = run_task(raw_model, task_tokenizer, task, cfg.eval_task_limit, device=device, ctx=ctx)
                     name = os.path.splitext(os.path.basename(task[0]))[0]
                     line += f", {name} {results['metric']} {results[results['metric']]:.4f}"
-                    logged[f"tasks/{name}/{results['metric']}"] = results[results['metric']]
+                    figures[f"{name}/{results['metric']}"] = results[results['metric']]
                 print(line)
                 if cfg.wandb_log:
-                    wandb.log(logged)
+                    wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr,
+                               'mfu': running_mfu * 100, **{f'tasks/{k}': v for k, v in figures.items()}})
                 if not math.isfinite(losses['val']):
                     die(f"val loss is {losses['val']} at iteration {iter_num}: lower learning_rate or raise "
                         f"warmup_iters; the last good checkpoint in {cfg.out_dir} is kept")
                 if metrics:
                     metrics.write(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr, tokens=trained(),
-                                  **{k.removeprefix('tasks/'): v for k, v in logged.items() if k.startswith('tasks/')})
+                                  **figures)
                     metrics.draw()
                 improved = losses['val'] < best_val_loss
                 best_val_loss = min(best_val_loss, losses['val'])
