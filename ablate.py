@@ -25,17 +25,18 @@ import torch
 
 import bench
 import train
-from common import die, load_config, pick_device, pick_dtype
+from common import config_defaults, die, load_config, pick_device, pick_dtype
 from model import GPT
 from plot import plot_runs
 
+_names_before_config = set(globals())  # imports and the like: not config keys
 # -----------------------------------------------------------------------------
 baseline = 'config/train_shakespeare_char_cpu.py'  # GPT-2's architecture, AdamW, cosine schedule
 speedrun = 'config/speedrun_shakespeare_char_cpu.py'  # every option on
 seconds = 20.0  # training time per run
 options = 'all'  # comma-separated names from OPTIONS, or 'all'
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str))}
+DEFAULTS = config_defaults(globals(), _names_before_config)
 
 # each option's settings when on; its 'off' is the baseline's values of those keys. Muon and the
 # schedule also take the speedrun config's values of the keys they were tuned with.

@@ -251,6 +251,9 @@ class Batcher:
         and cache budget are free again. Those whose row is full go on past block_size."""
         def release(seq):
             self.booked, self.reserved = self.booked - 1, self.reserved - seq.need
+            if seq.job.cancelled:  # the log shows that a client who leaves costs no more tokens
+                print(f"a completion stopped after {seq.completion.tokens} of {seq.job.req['max_tokens']} tokens: "
+                      "its client went away", flush=True)
 
         for row in reversed(range(len(self.rows))):
             seq = self.rows[row]

@@ -14,6 +14,7 @@ A checkpoint is a dict: 'model' (the state dict; with LoRA only the adapters, an
 """
 
 import os
+import re
 from dataclasses import asdict, fields
 
 import torch
@@ -26,6 +27,7 @@ from tokenizer import compatible, hub_tokenizer, special_tokens
 
 
 # the model's shape: what a resumed run may not change (dropout may; the vocabulary comes from the data)
+HUB_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', 'distilgpt2')  # Hub models without an owner
 MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name not in ('dropout', 'vocab_size'))
 
 
@@ -107,6 +109,9 @@ def load_model(init_from, out_dir='out', device='cpu', dropout=None, lora_dropou
         return load_checkpoint(out_dir, device, dropout, lora_dropout)
     if os.path.exists(init_from) or init_from.endswith('.pt') or init_from.startswith(('.', '/', '~')):
         return load_checkpoint(os.path.expanduser(init_from), device, dropout, lora_dropout)
+    if init_from not in HUB_NAMES and not re.fullmatch(r'[\w.-]+/[\w.-]+', init_from):  # a mistyped out_dir, say
+        die(f"no checkpoint or directory named '{init_from}' exists, and it is not a Hub model (gpt2, gpt2-medium, "
+            "gpt2-large, gpt2-xl or owner/name)")
     return from_pretrained(init_from, device, dropout or 0.0)
 
 

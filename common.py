@@ -26,13 +26,14 @@ def load_config(defaults, argv):
 
     Every key must exist in defaults and keep its type (an int is fine for a float; a default of
     None takes any value). Values are Python literals, except for str keys where they are taken as
-    written: --out_dir=out-x, --start="a=b". A bool key without a value is set: --serve means --serve=True.
+    written: --out_dir=out-x, --start="a=b". A bool key (or one whose default is None, such as compile) without a
+    value is set: --serve means --serve=True.
     """
     config = dict(defaults)
     for arg in argv:
         if arg.startswith('--'):
             key, eq, raw = arg[2:].partition('=')
-            if not eq and isinstance(defaults.get(key), bool):
+            if not eq and key in defaults and (defaults[key] is None or isinstance(defaults[key], bool)):
                 raw = 'True'  # a bare --flag turns a bool key on: python sample.py --serve
             elif not eq:
                 die(f"'{arg}' has no value: write --{key}=VALUE")
@@ -41,6 +42,13 @@ def load_config(defaults, argv):
             for key, value in _run_config_file(arg).items():
                 _set(config, defaults, key, value, arg)
     return config
+
+
+def config_defaults(namespace, names_before):
+    """A script's config keys: the plain values it defined after names_before (the names it had when its block of
+    defaults began), so that a constant it imported (GPT2_EOT, say) never becomes a key."""
+    return {k: v for k, v in namespace.items() if k not in names_before and not k.startswith('_')
+            and isinstance(v, (int, float, bool, str, type(None)))}
 
 
 def check_ranges(config, ranges):

@@ -49,8 +49,10 @@ def die(message):
 def load_meta(data_dir):
     """The dataset's tokenizer, vocab_size and dtype from its meta.json (not its list of shards, which
     open_split reads); a directory without one holds GPT-2 tokens, as in nanoGPT."""
-    if os.path.exists(os.path.join(data_dir, INCOMPLETE)):
-        die(f"{data_dir} is incomplete: a prepare.py writing it was interrupted; run it again")
+    if os.path.exists(os.path.join(data_dir, INCOMPLETE)):  # it holds what went wrong, when prepare.py knew
+        with open(os.path.join(data_dir, INCOMPLETE)) as f:
+            reason = f.read().strip() or 'a prepare.py writing it was interrupted'
+        die(f"{data_dir} is incomplete: {reason}; run prepare.py again")
     path = os.path.join(data_dir, 'meta.json')
     if os.path.exists(path):
         try:

@@ -38,13 +38,14 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from common import autocast_context, check_ranges, die, load_config, pick_device, pick_dtype
+from common import autocast_context, check_ranges, config_defaults, die, load_config, pick_device, pick_dtype
 from checkpoint import fit_vocabulary, load_model
 from model import merge_lora
 from dataset import Conversations, checkpoint_meta, load_meta, open_split
 from tasks import read_task, run_task
 from tokenizer import Tokenizer
 
+_names_before_config = set(globals())  # imports and the like: not config keys
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a checkpoint file or out_dir, or a Hub model: gpt2, owner/name
 out_dir = 'out'
@@ -67,8 +68,7 @@ task = ''  # a task file (.jsonl) to score instead of text: multiple choice, or 
 limit = 0  # score only its first N records (0: all)
 output = ''  # write the results, with each record's scores, to this .json file
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items()
-            if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+DEFAULTS = config_defaults(globals(), _names_before_config)
 RANGES = {**{k: '>= 0' for k in ('block_size', 'stride', 'max_tokens', 'conversations', 'show', 'limit')},
           'batch_size': '> 0', 'max_new_tokens': '> 0'}  # the values each numeric key may take (common.check_ranges)
 

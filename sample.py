@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import check_ranges, die, load_config, pick_device, pick_dtype
+from common import check_ranges, config_defaults, die, load_config, pick_device, pick_dtype
 from checkpoint import load_model
 from model import merge_lora
 from dataset import checkpoint_meta
@@ -33,6 +33,7 @@ from batcher import complete
 from serve import run_server
 from tokenizer import Tokenizer
 
+_names_before_config = set(globals())  # imports and the like: not config keys
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a checkpoint file or out_dir, or a Hub model: gpt2, owner/name
 out_dir = 'out'
@@ -56,8 +57,7 @@ max_batch = 16  # completions decoded together, from all requests (continuous ba
 max_batch_tokens = 0  # tokens of KV cache the admitted requests may fill, prompt plus max_tokens each (0: max_batch x block_size)
 max_queue = 64  # requests waiting for room in the batch; more get a 429
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items()
-            if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+DEFAULTS = config_defaults(globals(), _names_before_config)
 RANGES = {'num_samples': '> 0', 'max_new_tokens': '> 0', 'temperature': '>= 0', 'top_k': '>= 0', 'top_p': '(0, 1]',
           'max_tokens_cap': '> 0', 'port': '[0, 65535]', 'max_batch': '> 0', 'max_batch_tokens': '>= 0',
           'max_queue': '> 0', 'seed': f'[{-2 ** 63}, {2 ** 64 - 1}]'}  # (common.check_ranges)

@@ -27,7 +27,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from common import autocast_context, check_ranges, die, load_config, measure_peak_flops, pick_device, pick_dtype
+from common import (autocast_context, check_ranges, config_defaults, die, load_config, measure_peak_flops,
+                    pick_device, pick_dtype)
 from checkpoint import MODEL_KEYS, check_resume, fit_vocabulary, load_model, lora_settings, save_checkpoint
 from model import LORA_TARGETS, GPT, GPTConfig, add_lora, lora_state_dict, merge_lora, padded_vocab_size
 from dataset import Conversations, open_dataset
@@ -35,6 +36,7 @@ from plot import MetricsLog, duration, summary
 from tasks import read_task, run_task
 from tokenizer import Tokenizer
 
+_names_before_config = set(globals())  # imports and the like: not config keys
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on the BPE shakespeare text
 # I/O
@@ -105,8 +107,7 @@ device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', '
 dtype = 'auto'  # 'auto' (bfloat16 where it is faster, else float32), 'float32', 'bfloat16', 'float16'
 compile = None  # torch.compile the model; None means on for CUDA, off elsewhere
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items()
-            if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+DEFAULTS = config_defaults(globals(), _names_before_config)
 # the values each numeric key may take (common.check_ranges)
 RANGES = {**{key: '> 0' for key in ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps',
                                      'batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'rope_base')},
@@ -197,6 +198,12 @@ def optimizer_step(model, optimizers, scaler, grad_clip, skip_nonfinite=False):
     return taken
 
 
+def optimizer_state_bytes(optimizers):
+    """The float32 state the optimizers will keep: AdamW two moments per parameter, Muon one momentum buffer."""
+    return sum((8 if isinstance(optimizer, torch.optim.AdamW) else 4) * p.numel()
+               for optimizer in optimizers for group in optimizer.param_groups for p in group['params'])
+
+
 def check_config(cfg):
     """Stop early, with the fix, on settings that would only fail later."""
     check_ranges(vars(cfg), RANGES)
@@ -228,6 +235,8 @@ def check_config(cfg):
 def main(argv):
     cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
     check_config(cfg)
+    if cfg.eval_only and cfg.init_from == 'scratch' and os.path.exists(os.path.join(cfg.out_dir, 'ckpt.pt')):
+        cfg.init_from = 'resume'  # the model to evaluate is the one there, not a random one
     if cfg.init_from != 'resume' and not cfg.eval_only and any(
             os.path.exists(os.path.join(cfg.out_dir, name)) for name in ('ckpt.pt', 'best.pt')):
         die(f"{cfg.out_dir} holds the checkpoint of an earlier run, which this run would write over: "
@@ -317,18 +326,18 @@ def main(argv):
     model_args = asdict(model.config)
     task_tokenizer = Tokenizer(meta) if tasks else None  # the tokenizer of the data, special tokens included
     model.to(device)
-    if master:
-        print(f"model: {model.get_num_params() / 1e6:.2f}M parameters")
-        # AdamW keeps two float32 moments per trainable parameter
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        full = sum(p.numel() for name, p in model.named_parameters() if '.lora_' not in name)
-        print(f"trainable parameters: {trainable:,} ({trainable / full:.2%}), AdamW state {8 * trainable / 2 ** 20:,.1f} MiB"
-              + (f" (full fine-tuning: {full:,}, {8 * full / 2 ** 20:,.1f} MiB)" if cfg.lora_rank > 0 else ''))
 
     # GradScaler only does something for float16, whose gradients underflow without it
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
     optimizers = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                             device_type, muon_lr=cfg.muon_lr if cfg.optimizer == 'muon' else 0.0)
+    if master:
+        print(f"model: {model.get_num_params() / 1e6:.2f}M parameters")
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        full = sum(p.numel() for name, p in model.named_parameters() if '.lora_' not in name)
+        print(f"trainable parameters: {trainable:,} ({trainable / full:.2%}), optimizer state "
+              f"{optimizer_state_bytes(optimizers) / 2 ** 20:,.1f} MiB"
+              + (f" (full fine-tuning: {full:,}, AdamW {8 * full / 2 ** 20:,.1f} MiB)" if cfg.lora_rank > 0 else ''))
     if checkpoint is not None:
         try:
             for optimizer, key in zip(optimizers, ('optimizer', 'muon_optimizer')):
@@ -502,8 +511,9 @@ def main(argv):
                 train_loss = loss
                 recent.append((t1, iter_num))
                 eta = (t1 - recent[0][0]) / (iter_num - recent[0][1]) * (cfg.max_iters - iter_num)
+                mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else '-'  # '-': not measured yet
                 print(f"iter {iter_num}: loss {loss:.4f}, time {dt * 1000:.2f}ms, "
-                      f"tok/s {tokens_per_step / dt:,.0f}, mfu {max(running_mfu, 0) * 100:.2f}%, eta {duration(eta)}")
+                      f"tok/s {tokens_per_step / dt:,.0f}, mfu {mfu_text}, eta {duration(eta)}")
                 metrics.write(iter=iter_num, loss=loss, lr=lr, ms=dt * 1000, tok_s=tokens_per_step / dt,
                               mfu=running_mfu * 100 if running_mfu >= 0 else None, tokens=tokens_total)
             if iter_num % cfg.log_interval == 0:
@@ -525,3 +535,9 @@ if __name__ == '__main__':
         main(sys.argv[1:])
     except KeyboardInterrupt:  # a second Ctrl-C (or signal) while the first one's step finishes
         die("interrupted: nothing was saved after the last checkpoint")
+    except SystemExit as e:  # under torchrun every rank stops alike (a missing dataset, say); rank 0 alone says why
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if int(os.environ.get('RANK', 0)) > 0 and isinstance(e.code, str):
+            sys.exit(1)
+        raise

@@ -102,6 +102,34 @@ def test_the_batcher_step_by_step(rope):
                 assert ''.join(e[1] for e in mine) == expected and [e[2] for e in mine if e[2]] in (['stop'], ['length'])
 
 
+def test_n_completions_decode_in_one_forward_pass_per_step():
+    """A request for n = 3 completions of 12 tokens: one pass reads the prompt, then each step is one forward pass
+    over all three rows (11 in all), not one per completion."""
+    import queue
+    from types import SimpleNamespace
+    from batcher import Batcher
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=30, n_layer=2, n_head=2, n_embd=32)).eval()
+    batches, forward = [], model.forward
+
+    def counted(idx, *args, **kwargs):
+        batches.append(tuple(idx.shape))
+        return forward(idx, *args, **kwargs)
+    model.forward = counted
+    job = SimpleNamespace(prompts=[[1, 2, 3]], req=dict(n=3, max_tokens=12, temperature=1.0, top_k=0, top_p=1.0,
+                                                        seed=None, stop=[], stream=True), end_ids=set(),
+                          events=queue.Queue(), cancelled=False, finished=False, error=None, logprobs={}, held=[])
+    app = SimpleNamespace(model=model, tokenizer=Letters(), device='cpu', max_batch=8, max_batch_tokens=8 * 32)
+    batcher = Batcher(app)
+    batcher.waiting.append(job)
+    while batcher.busy():
+        batcher.step()
+    events = list(iter(job.events.get, None))
+    texts = [''.join(e[1] for e in events if e[0] == i) for i in range(3)]
+    assert all(len(t) == 12 for t in texts) and len(set(texts)) > 1  # three completions, sampled apart
+    assert batches == [(1, 3)] + [(3, 1)] * 11
+
+
 # -----------------------------------------------------------------------------
 # the server: requests decoded together
 

@@ -260,11 +260,11 @@ def test_the_mask_is_what_makes_the_answer_learnable(tmp_path):
 @needs_gpt2
 def test_a_hub_gpt2_grows_for_the_chat_tokens_trains_resumes_and_chats(hub, tmp_path):
     root, _ = hub
-    publish(root, 'tiny-gpt2', tiny_gpt2())
+    publish(root, 'test/tiny-gpt2', tiny_gpt2())
     records = [{'instruction': f'Repeat {w}', 'output': f'{w} {w}'} for w in ['sun', 'moon', 'star', 'sky'] * 10]
     (tmp_path / 'sft.json').write_text(json.dumps(records))
     run('prepare.py', 'sft', '--input=sft.json', '--tokenizer=gpt2', '--no-dedup', cwd=tmp_path)
-    args = ['--init_from=tiny-gpt2', '--dataset=sft', '--block_size=32', '--batch_size=2', '--eval_iters=2',
+    args = ['--init_from=test/tiny-gpt2', '--dataset=sft', '--block_size=32', '--batch_size=2', '--eval_iters=2',
             '--learning_rate=1e-3', '--warmup_iters=2', '--lr_decay_iters=8', '--device=cpu', '--dtype=float32']
     straight = run('train.py', *args, '--out_dir=straight', '--max_iters=8', '--eval_interval=4', cwd=tmp_path).stdout
     assert 'vocabulary grown to 50,304 rows' in straight

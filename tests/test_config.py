@@ -1,3 +1,4 @@
+import os
 import time
 from types import SimpleNamespace
 
@@ -28,6 +29,15 @@ def test_values_are_python_literals_widened_and_strings_taken_as_written():
     assert load_config(DEFAULTS, ['--compile=false'])['compile'] is False  # not the (truthy) string 'false'
     assert load_config(DEFAULTS, ['--compile=none'])['compile'] is None
     assert load_config(DEFAULTS, ['--bias'])['bias'] is True  # a bare bool flag
+    assert load_config(DEFAULTS, ['--compile'])['compile'] is True  # and a bare flag whose default is None
+
+
+def test_only_the_block_of_defaults_makes_config_keys():
+    namespace = {'GPT2_EOT': 50256, 'os': os}  # what a script has imported before its block
+    before = set(namespace)
+    namespace.update(max_iters=10, out_dir='out', compile=None, _private=1, helper=print)
+    assert common.config_defaults(namespace, before) == {'max_iters': 10, 'out_dir': 'out', 'compile': None}
+    assert 'GPT2_EOT' not in train.DEFAULTS and 'dataset' in train.DEFAULTS
 
 
 @pytest.mark.parametrize('argv,message', [
@@ -55,7 +65,6 @@ def test_config_file_errors_name_the_file_and_line(tmp_path):
 
 def test_every_shipped_config_loads():
     import glob
-    import os
     configs = glob.glob(os.path.join(os.path.dirname(train.__file__), 'config', '*.py'))
     assert configs
     for path in configs:  # and passes train.py's checks (ranges, min_lr <= learning_rate when it decays, ...)

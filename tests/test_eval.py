@@ -70,11 +70,11 @@ def test_strided_windows_give_every_token_the_longest_context():
 def test_bits_per_byte_of_a_text_file_with_a_hub_model(hub, tmp_path, monkeypatch):  # noqa: F811
     root, _ = hub
     source = tiny_gpt2()
-    publish(root, 'tiny-gpt2', source)
+    publish(root, 'test/tiny-gpt2', source)
     text = "Café, naïve façade: ROMEO, wilt thou leave me so unsatisfied? 你好, 世界.\n" * 4
     (tmp_path / 'text.txt').write_text(text, encoding='utf-8')
     monkeypatch.chdir(tmp_path)
-    results = eval_main(['--init_from=tiny-gpt2', '--input=text.txt', '--device=cpu'])
+    results = eval_main(['--init_from=test/tiny-gpt2', '--input=text.txt', '--device=cpu'])
     tok = Tokenizer(GPT2_META)
     encode, decode = tok.encode, tok.decode
     ids = encode(text)
@@ -89,8 +89,8 @@ def test_bits_per_byte_of_a_text_file_with_a_hub_model(hub, tmp_path, monkeypatc
         {'tokenizer': 'char', 'vocab_size': 3, 'chars': ['a', 'b', 'c'], 'dtype': 'uint16'}))
     np.array([0, 1, 2] * 20, dtype=np.uint16).tofile(tmp_path / 'data' / 'chars' / 'val.bin')
     for args, message in [([], 'has no dataset of its own: pass --dataset=NAME'),
-                          (['--dataset=chars'], "the vocabulary of tiny-gpt2 .50257 tokens. is not the one of dataset 'chars'"),
+                          (['--dataset=chars'], "the vocabulary of test/tiny-gpt2 .50257 tokens. is not the one of dataset 'chars'"),
                           (['--dataset=chars', '--split=test'], "no split 'test' of dataset 'chars'"),
                           (['--input=text.txt', '--stride=64'], 'need 0 < stride <= block_size <= 32')]:
         with pytest.raises(SystemExit, match=message):
-            eval_main(['--init_from=tiny-gpt2', '--device=cpu', *args])
+            eval_main(['--init_from=test/tiny-gpt2', '--device=cpu', *args])

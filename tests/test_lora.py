@@ -46,6 +46,18 @@ def test_lora_starts_as_the_base_model_and_merging_keeps_its_function():
     torch.testing.assert_close(model(idx[:1, :1])[0], unmerged_step, atol=1e-5, rtol=1e-5)
 
 
+def test_the_adapters_contribution_is_x_a_b_times_alpha_over_rank():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10)
+    layer = LoRALinear(base, rank=4, alpha=8.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 5, 12)
+    expected = x @ base.weight.T + base.bias + (x @ layer.lora_A.T @ layer.lora_B.T) * (8.0 / 4)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer(x[:1, :1]), expected[:1, :1], atol=1e-5, rtol=1e-5)  # a single row too
+
+
 def test_fine_tuning_another_runs_checkpoint_fully_and_with_lora(prepared):
     cwd = prepared
     args = ['--dataset=tiny_char', '--eval_interval=10', '--log_interval=5', '--dtype=float32', *TINY,
@@ -70,13 +82,13 @@ def test_fine_tuning_another_runs_checkpoint_fully_and_with_lora(prepared):
 @pytest.mark.parametrize('args,message', [
     (['--init_from=scratch', '--lora_rank=4'], 'LoRA adapts a trained model'),
     (['--init_from=base', '--lora_rank=4', '--lora_targets=c_attn,wte'], 'lora_targets must name some of'),
-    (['--init_from=hub-gpt2'], "the vocabulary of hub-gpt2 (50257 tokens) is not the one of dataset 'tiny_char'"),
-    (['--init_from=hub-gpt2', '--block_size=64'], 'has a context of 32 tokens: use --block_size=32 or less'),
+    (['--init_from=test/hub-gpt2'], "the vocabulary of test/hub-gpt2 (50257 tokens) is not the one of dataset 'tiny_char'"),
+    (['--init_from=test/hub-gpt2', '--block_size=64'], 'has a context of 32 tokens: use --block_size=32 or less'),
 ])
 def test_bad_fine_tuning_settings_are_one_line_errors(prepared, hub, args, message):  # noqa: F811
     cwd = prepared
-    publish(hub[0], 'hub-gpt2', tiny_gpt2())
-    load_model('hub-gpt2')  # into the cache, so that no progress bar joins the error on stderr
+    publish(hub[0], 'test/hub-gpt2', tiny_gpt2())
+    load_model('test/hub-gpt2')  # into the cache, so that no progress bar joins the error on stderr
     proc = run('train.py', '--dataset=tiny_char', '--out_dir=out', *TINY, *args, cwd=cwd, check=False)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
     assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -86,17 +98,17 @@ def test_bad_fine_tuning_settings_are_one_line_errors(prepared, hub, args, messa
 def test_lora_fine_tuning_of_a_hub_model(hub, tmp_path, small_text, monkeypatch):  # noqa: F811
     root, _ = hub
     source = tiny_gpt2()
-    publish(root, 'tiny-gpt2', source)
+    publish(root, 'test/tiny-gpt2', source)
     (tmp_path / 'input.txt').write_text(small_text, encoding='utf-8')
     run('prepare.py', 'tiny', '--input=input.txt', cwd=tmp_path)
     # small batches: the logits of GPT-2's vocabulary are most of the work
-    args = ['--dataset=tiny', '--init_from=tiny-gpt2', '--block_size=16', '--batch_size=4', '--eval_iters=2',
+    args = ['--dataset=tiny', '--init_from=test/tiny-gpt2', '--block_size=16', '--batch_size=4', '--eval_iters=2',
             '--eval_interval=5', '--log_interval=5', '--learning_rate=3e-2', '--warmup_iters=0', '--decay_lr=False',
             '--gradient_accumulation_steps=1', '--dtype=float32', '--device=cpu']
     lora_args = [*args, '--lora_rank=4', '--lora_alpha=8']
     out = run('train.py', *lora_args, '--out_dir=lora', '--max_iters=10', cwd=tmp_path).stdout
     # 2 blocks x rank 4 x (c_attn 16+48, c_proj 16+16, c_fc 16+64, c_proj 64+16); in full, wpe cropped to 16
-    assert 'trainable parameters: 2,048 (0.25%), AdamW state 0.0 MiB (full fine-tuning: 810,960, 6.2 MiB)' in out
+    assert 'trainable parameters: 2,048 (0.25%), optimizer state 0.0 MiB (full fine-tuning: 810,960, AdamW 6.2 MiB)' in out
     assert len(val_losses(out)) == 3  # (a random base leaves LoRA little to learn: the char test sees it learn)
 
     # the checkpoint: adapters and the name of their base, a fraction of a full fine-tuning's checkpoint
@@ -105,7 +117,7 @@ def test_lora_fine_tuning_of_a_hub_model(hub, tmp_path, small_text, monkeypatch)
     print(f"LoRA checkpoint {lora_size:,} bytes, full fine-tuning {full_size:,} bytes")
     assert lora_size < full_size / 50
     checkpoint = torch.load(tmp_path / 'lora' / 'ckpt.pt', weights_only=True)
-    assert checkpoint['lora']['base'] == 'tiny-gpt2' and all('.lora_' in k for k in checkpoint['model'])
+    assert checkpoint['lora']['base'] == 'test/tiny-gpt2' and all('.lora_' in k for k in checkpoint['model'])
 
     # the base weights did not move; the adapters did
     model, _ = load_model(str(tmp_path / 'lora'))

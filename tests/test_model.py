@@ -15,36 +15,57 @@ def tiny_config(**overrides):
 
 def reference_logits(sd, cfg, idx, gelu='exact'):
     """GPT-2 written out from the state dict with plain tensor ops: no nn.Module, no SDPA, no model.py.
-    gelu: 'exact' (ours, nanoGPT's) or 'tanh' (GPT-2's own gelu_new)."""
-    def layer_norm(x, prefix):
-        mean = x.mean(-1, keepdim=True)
-        var = ((x - mean) ** 2).mean(-1, keepdim=True)
-        y = (x - mean) / torch.sqrt(var + 1e-5) * sd[prefix + '.weight']
+    gelu: 'exact' (ours, nanoGPT's) or 'tanh' (GPT-2's own gelu_new). The speedrun options of cfg (rope, rmsnorm,
+    qk_norm, relu2, logit_softcap) are written out from their definitions too."""
+    def norm(x, prefix=None):  # LayerNorm, or RMSNorm; without a prefix, unweighted (qk_norm)
+        if cfg.norm == 'rmsnorm':
+            y = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
+        else:
+            mean = x.mean(-1, keepdim=True)
+            y = (x - mean) / torch.sqrt(((x - mean) ** 2).mean(-1, keepdim=True) + 1e-5)
+        if prefix is None:
+            return y
+        y = y * sd[prefix + '.weight']
         return y + sd[prefix + '.bias'] if prefix + '.bias' in sd else y
 
     def linear(x, prefix):
         y = x @ sd[prefix + '.weight'].T
         return y + sd[prefix + '.bias'] if prefix + '.bias' in sd else y
 
+    def rotate(t):  # RoPE: each head's pairs (t[j], t[j + hs/2]) as complex numbers, turned by pos * base^(-2j/hs)
+        hs = t.size(-1)
+        z = torch.complex(t[..., :hs // 2].double(), t[..., hs // 2:].double())
+        angles = torch.outer(torch.arange(T).double(), cfg.rope_base ** (-2 * torch.arange(hs // 2).double() / hs))
+        z = z * torch.polar(torch.ones_like(angles), angles)
+        return torch.cat([z.real, z.imag], dim=-1).to(t.dtype)
+
     B, T = idx.shape
     C, nh = cfg.n_embd, cfg.n_head
-    x = sd['transformer.wte.weight'][idx] + sd['transformer.wpe.weight'][:T]
+    x = sd['transformer.wte.weight'][idx] + (0 if cfg.rope else sd['transformer.wpe.weight'][:T])
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
     for i in range(cfg.n_layer):
         p = f'transformer.h.{i}'
-        q, k, v = linear(layer_norm(x, p + '.ln_1'), p + '.attn.c_attn').split(C, dim=2)
+        q, k, v = linear(norm(x, p + '.ln_1'), p + '.attn.c_attn').split(C, dim=2)
         q, k, v = (t.reshape(B, T, nh, C // nh).permute(0, 2, 1, 3) for t in (q, k, v))
+        if cfg.qk_norm:
+            q, k = norm(q), norm(k)
+        if cfg.rope:
+            q, k = rotate(q), rotate(k)
         att = (q @ k.transpose(-1, -2)) / math.sqrt(C // nh)
         att = torch.softmax(att.masked_fill(~causal, float('-inf')), dim=-1)
         y = (att @ v).permute(0, 2, 1, 3).reshape(B, T, C)
         x = x + linear(y, p + '.attn.c_proj')
-        h = linear(layer_norm(x, p + '.ln_2'), p + '.mlp.c_fc')
-        if gelu == 'tanh':  # the approximation GPT-2 was trained with (Hendrycks & Gimpel, 2016)
+        h = linear(norm(x, p + '.ln_2'), p + '.mlp.c_fc')
+        if cfg.activation == 'relu2':
+            h = torch.clamp(h, min=0) ** 2
+        elif gelu == 'tanh':  # the approximation GPT-2 was trained with (Hendrycks & Gimpel, 2016)
             h = 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3)))
         else:
             h = 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))  # exact GELU
         x = x + linear(h, p + '.mlp.c_proj')
-    return layer_norm(x, 'transformer.ln_f') @ sd['lm_head.weight'].T
+    logits = norm(x, 'transformer.ln_f') @ sd['lm_head.weight'].T
+    cap = cfg.logit_softcap
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
 
 @pytest.mark.parametrize('bias', [True, False])
@@ -114,15 +135,15 @@ def test_bad_checkpoint_files_give_one_line_errors(tmp_path):
 def test_single_row_linear_matches_nn_linear(dtype, bias):
     torch.manual_seed(0)
     layer = Linear(48, 80, bias=bias).to(dtype)
-    reference = torch.nn.functional.linear  # the matrix-matrix path every other shape takes
+    reference = torch.nn.Linear(48, 80, bias=bias)  # PyTorch's own, in float32, with the same weights
+    reference.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
     for shape in [(1, 1, 48), (1, 48), (48,)]:  # one row: the torch.mv path
         x = torch.randn(shape, dtype=dtype)
-        assert layer(x).shape == shape[:-1] + (80,)
-        expected = reference(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
-        torch.testing.assert_close(layer(x).float(), expected, **({} if dtype == torch.float32 else
-                                                                  dict(atol=2e-2, rtol=2e-2)))
+        assert layer(x).shape == shape[:-1] + (80,) and layer(x).dtype == dtype
+        torch.testing.assert_close(layer(x).float(), reference(x.float()), **({} if dtype == torch.float32 else
+                                                                              dict(atol=2e-2, rtol=2e-2)))
     x = torch.randn(3, 2, 48, dtype=dtype)
-    assert torch.equal(layer(x), reference(x, layer.weight, layer.bias))
+    assert torch.equal(layer(x), reference.to(dtype)(x))
 
 
 def test_kv_cache_forward_equals_full_forward():
@@ -221,7 +242,8 @@ def test_crop_block_size_and_mfu():
     model.crop_block_size(8)
     assert model.transformer.wpe.weight.shape == (8, 16)
     model(torch.zeros(1, 8, dtype=torch.long))
-    # MFU grows with the sequence length through the attention term
-    short = model.estimate_mfu(1, 1.0, 1e9, seq_len=4)
-    assert model.estimate_mfu(1, 1.0, 1e9, seq_len=8) > 2 * short
-    assert model.estimate_mfu(1, 1.0, 2e9, seq_len=4) == pytest.approx(short / 2)
+    # MFU against the PaLM count by hand: 6N + 12 L H Q T FLOPs per token, N without the position embeddings
+    V, C, L, H, T = 37, 16, 2, 2, 8
+    n_params = V * C + L * (2 * C + 3 * C * C + 3 * C + C * C + C + 2 * C + 4 * C * C + 4 * C + 4 * C * C + C) + 2 * C
+    flops = (6 * n_params + 12 * L * H * (C // H) * T) * T * 3  # 3 sequences of T tokens, forward and backward
+    assert model.estimate_mfu(3, 0.5, 1e9, seq_len=T) == pytest.approx(flops / 0.5 / 1e9, rel=1e-12)

@@ -2,9 +2,11 @@
 import pytest
 import torch
 
+import train
 from conftest import run
 from checkpoint import load_checkpoint
 from model import GPT, GPTConfig
+from test_model import reference_logits
 from test_train import prepared  # noqa: F401 (fixture)
 
 OPTIONS = {
@@ -48,6 +50,21 @@ def test_option_trains_and_cached_generation_equals_uncached(name):
         assert torch.equal(cached, full)
 
 
+@pytest.mark.parametrize('name', [name for name in OPTIONS if name != 'zero_init'])
+def test_option_matches_its_definition_written_out(name):
+    """The logits against test_model's reference, which writes each option out from its definition: RoPE as
+    complex rotations by pos * base^(-2j/hs), relu(x)^2, unweighted norms of q and k, cap * tanh(logits / cap)."""
+    options = {**OPTIONS[name], **({'logit_softcap': 2.0} if 'logit_softcap' in OPTIONS[name] else {})}
+    model = tiny(**options).eval()
+    with torch.no_grad():  # weights large enough that each option moves the logits by far more than the tolerance
+        for p in model.parameters():
+            p.normal_(std=0.3)
+    x = torch.randint(0, 50, (2, 16))
+    logits, _ = model(x, x)
+    expected = reference_logits(model.state_dict(), model.config, x)
+    torch.testing.assert_close(logits, expected, atol=2e-5, rtol=2e-5)
+
+
 def test_options_change_the_model_as_documented():
     assert 'transformer.wpe.weight' not in tiny(rope=True).state_dict()  # rope replaces learned positions
     untied = tiny(tie_embeddings=False)
@@ -87,6 +104,14 @@ def test_muon_takes_only_the_blocks_weight_matrices():
     assert {'transformer.wte.weight', 'lm_head.weight', 'transformer.wpe.weight'} <= in_adamw
     assert muon.param_groups[0]['lr'] == 0.02
     assert len(model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')) == 1  # AdamW alone by default
+    # the state train.py's log announces is what the optimizers hold after a step: Muon keeps one buffer, not two
+    _, loss = model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    loss.backward()
+    adamw.step()
+    muon.step()
+    held = sum(t.numel() * t.element_size() for optimizer in (adamw, muon) for state in optimizer.state.values()
+               for t in state.values() if torch.is_tensor(t) and t.dim() > 0)  # (not the scalar step counts)
+    assert train.optimizer_state_bytes([adamw, muon]) == held
 
 
 def test_muon_and_all_options_resume_exactly_and_sample(prepared):

@@ -110,8 +110,8 @@ def test_hub_models_use_the_gelu_their_config_names(hub, activation):
             block.mlp.c_fc.weight.mul_(30)  # pre-activations around 2-3, where the two GELUs differ most
             block.mlp.c_proj.weight.mul_(30)
         source.transformer.wte.weight.mul_(10)  # (the head too): the difference carried to the logits
-    publish(root, f'tiny-{activation}', source, activation_function=activation)
-    model, checkpoint = load_model(f'tiny-{activation}')
+    publish(root, f'test/tiny-{activation}', source, activation_function=activation)
+    model, checkpoint = load_model(f'test/tiny-{activation}')
     gelu = 'exact' if activation == 'gelu' else 'tanh'
     assert checkpoint['model_args']['activation'] == ('gelu' if gelu == 'exact' else 'gelu_tanh')
     assert_same_function(model, source, gelu=gelu)
@@ -128,11 +128,11 @@ def test_hub_models_use_the_gelu_their_config_names(hub, activation):
 def test_pytorch_model_bin_when_the_repository_has_no_safetensors(hub):
     root, state = hub
     source = tiny_gpt2(1)
-    publish(root, 'tiny-gpt2', source, prefix='transformer.', weights='pytorch_model.bin')
-    model, _ = load_model('tiny-gpt2')
+    publish(root, 'test/tiny-gpt2', source, prefix='transformer.', weights='pytorch_model.bin')
+    model, _ = load_model('test/tiny-gpt2')
     assert_same_function(model, source)
     assert [p.rsplit('/', 1)[1] for p in state['paths']] == ['config.json', 'model.safetensors', 'pytorch_model.bin']
-    load_model('tiny-gpt2')
+    load_model('test/tiny-gpt2')
     assert len(state['paths']) == 3  # the cached .bin, without asking for model.safetensors again
 
 
@@ -140,17 +140,17 @@ def test_a_truncated_download_is_never_used(hub, tmp_path, monkeypatch):
     root, state = hub
     monkeypatch.setattr(dataset.time, 'sleep', lambda seconds: None)  # no pauses between tries
     source = tiny_gpt2(2)
-    publish(root, 'tiny-gpt2', source)
-    weights = '/tiny-gpt2/resolve/main/model.safetensors'
+    publish(root, 'test/tiny-gpt2', source)
+    weights = '/test/tiny-gpt2/resolve/main/model.safetensors'
     state['truncate'][weights] = 3  # every one of the three tries is cut in half (of what is left)
     with pytest.raises(SystemExit, match='after 3 tries'):
-        load_model('tiny-gpt2')
-    cache = tmp_path / 'hf_home' / 'gptforge' / 'tiny-gpt2'
+        load_model('test/tiny-gpt2')
+    cache = tmp_path / 'hf_home' / 'gptforge' / 'test/tiny-gpt2'
     assert sorted(os.listdir(cache)) == ['config.json', 'model.safetensors.part', 'model.safetensors.part.etag']
     part_size, size = (cache / 'model.safetensors.part').stat().st_size, (root / weights.lstrip('/')).stat().st_size
     assert size // 2 <= part_size < size  # what arrived is kept, to resume from
     state['truncate'][weights] = 1  # cut once more, then the rest: the next load resumes the .part
-    model, _ = load_model('tiny-gpt2')
+    model, _ = load_model('test/tiny-gpt2')
     assert_same_function(model, source)
     resumed = [r for p, r in zip(state['paths'], state['ranges']) if p == weights][3:]
     assert len(resumed) == 2 and resumed[0] == f'bytes={part_size}-' and resumed[1] > resumed[0]
@@ -163,42 +163,42 @@ def test_bad_repositories_are_one_line_errors(hub, tmp_path):
     assert proc.returncode != 0 and "no model 'nobody/nothing'" in proc.stderr, proc.stderr
     assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     source = tiny_gpt2()
-    publish(root, 'deeper', source, n_layer=3)
-    publish(root, 'llama', source, model_type='llama')
-    publish(root, 'untied', source, tie_word_embeddings=False)
-    publish(root, 'empty', source)
-    os.remove(root / 'empty' / 'resolve' / 'main' / 'model.safetensors')
-    for repo, message in [('deeper', "do not fit a GPT-2 of its config.json: missing transformer.h.2"),
-                          ('llama', 'only the GPT-2 architecture'), ('untied', 'tie_word_embeddings=False'),
-                          ('empty', 'has neither model.safetensors nor pytorch_model.bin'),
-                          ('no/such/repo', "no model 'no/such/repo'")]:
+    publish(root, 'test/deeper', source, n_layer=3)
+    publish(root, 'test/llama', source, model_type='llama')
+    publish(root, 'test/untied', source, tie_word_embeddings=False)
+    publish(root, 'test/empty', source)
+    os.remove(root / 'test' / 'empty' / 'resolve' / 'main' / 'model.safetensors')
+    for repo, message in [('test/deeper', "do not fit a GPT-2 of its config.json: missing transformer.h.2"),
+                          ('test/llama', 'only the GPT-2 architecture'), ('test/untied', 'tie_word_embeddings=False'),
+                          ('test/empty', 'has neither model.safetensors nor pytorch_model.bin'),
+                          ('no/such/repo', "no checkpoint or directory named 'no/such/repo'")]:
         with pytest.raises(SystemExit, match=message):
             load_model(repo)
-    publish(root, 'damaged', source)
-    load_model('damaged')
-    cached = tmp_path / 'hf_home' / 'gptforge' / 'damaged' / 'model.safetensors'
+    publish(root, 'test/damaged', source)
+    load_model('test/damaged')
+    cached = tmp_path / 'hf_home' / 'gptforge' / 'test' / 'damaged' / 'model.safetensors'
     cached.write_bytes(cached.read_bytes()[:-100])
     with pytest.raises(SystemExit, match='not a valid safetensors file .* delete it to download it again'):
-        load_model('damaged')
+        load_model('test/damaged')
 
 
 @pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
 def test_sample_and_bench_from_the_hub(hub, tmp_path):
     root, _ = hub
-    publish(root, 'tiny-gpt2', tiny_gpt2())
-    out = run('sample.py', '--init_from=tiny-gpt2', '--num_samples=1', '--max_new_tokens=8', '--start=Hello',
+    publish(root, 'test/tiny-gpt2', tiny_gpt2())
+    out = run('sample.py', '--init_from=test/tiny-gpt2', '--num_samples=1', '--max_new_tokens=8', '--start=Hello',
               '--temperature=0', '--device=cpu', cwd=tmp_path).stdout
     assert out.startswith('Hello') and len(out) > len('Hello\n')
-    out = run('bench.py', '--init_from=tiny-gpt2', '--block_size=16', '--batch_size=2', '--gradient_accumulation_steps=1',
+    out = run('bench.py', '--init_from=test/tiny-gpt2', '--block_size=16', '--batch_size=2', '--gradient_accumulation_steps=1',
               '--train_steps=1', '--warmup_steps=1', '--sample_tokens=4', '--lora_rank=2', '--device=cpu',
               cwd=tmp_path).stdout
     assert 'model 2x16 (2 heads), block 16, vocab 50257' in out
     assert '| trainable parameters | full fine-tuning' in out and 'LoRA rank 2' in out
     # and served, as OpenAI's completions API, under its Hub name
     from test_serve import start_server
-    proc, url = start_server(str(tmp_path / 'out'), tmp_path / 'serve.log', '--init_from=tiny-gpt2')
+    proc, url = start_server(str(tmp_path / 'out'), tmp_path / 'serve.log', '--init_from=test/tiny-gpt2')
     try:
-        assert requests.get(url + '/v1/models', timeout=10).json()['data'][0]['id'] == 'tiny-gpt2'
+        assert requests.get(url + '/v1/models', timeout=10).json()['data'][0]['id'] == 'test/tiny-gpt2'
         answer = requests.post(url + '/v1/completions', json={'prompt': 'Hello', 'max_tokens': 5, 'temperature': 0},
                                timeout=60).json()
         assert answer['usage']['completion_tokens'] == 5 and answer['choices'][0]['finish_reason'] == 'length'

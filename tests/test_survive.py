@@ -1,13 +1,18 @@
 """Training that survives: kills, signals, bad resumes, non-finite losses, failed saves."""
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import train
+from checkpoint import MODEL_KEYS, check_resume, lora_settings
 from conftest import ROOT, run
 from test_train import TINY, prepared  # noqa: F401 (fixture)
 
@@ -86,16 +91,59 @@ def test_signal_saves_at_the_next_step_and_resume_continues(prepared, signum):
     assert (cwd / 'again' / 'ckpt.pt').read_bytes() == before
 
 
-def test_sigterm_under_ddp_stops_every_rank(prepared):
+def test_resume_from_a_signal_saved_checkpoint_is_bitwise_a_run_that_never_stopped(prepared):
+    cwd = prepared
+    common = [*ARGS, '--eval_interval=1000', '--dtype=float32', '--dropout=0.1', '--gradient_accumulation_steps=2',
+              '--always_save_checkpoint=False']
+    run('train.py', *common, '--out_dir=straight', '--max_iters=30', cwd=cwd)
+    proc = start(cwd, *common, '--max_iters=30')
+    wait_for(proc, 'iter 3:')
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    stopped_at = torch.load(cwd / 'out' / 'ckpt.pt', weights_only=True)['iter_num']
+    assert 3 <= stopped_at < 30
+    run('train.py', *common, '--max_iters=30', '--init_from=resume', cwd=cwd)
+    straight = torch.load(cwd / 'straight' / 'ckpt.pt', weights_only=True)['model']
+    resumed = torch.load(cwd / 'out' / 'ckpt.pt', weights_only=True)['model']
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), key
+
+
+def start_ranks(cwd, *args, n=2):
+    """The n processes torchrun would start (its environment variables, a free port), each with its own output:
+    so that the test sees every rank's exit code."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port),
+           'WORLD_SIZE': str(n), 'LOCAL_WORLD_SIZE': str(n), 'OMP_NUM_THREADS': '1'}
+    return [subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *args], cwd=cwd, text=True,
+                             env={**env, 'RANK': str(r), 'LOCAL_RANK': str(r)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(n)]
+
+
+def test_sigterm_under_ddp_stops_every_rank_with_exit_code_0(prepared):
     cwd = prepared
     # dtype auto: rank 0 measures, and passes its answer to rank 1
-    proc = start(cwd, *ARGS, '--eval_interval=1000', '--max_iters=100000', '--gradient_accumulation_steps=2',
-                 launcher=('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
-    wait_for(proc, 'iter 3:')
-    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
-    out, err = proc.communicate(timeout=60)
-    assert 'stopped by a signal at iteration' in out, err
+    ranks = start_ranks(cwd, *ARGS, '--eval_interval=1000', '--max_iters=100000', '--gradient_accumulation_steps=2')
+    wait_for(ranks[0], 'iter 3:')
+    for proc in ranks:  # as torchrun (or a cluster's scheduler) passes it on to every rank
+        proc.send_signal(signal.SIGTERM)
+    results = [proc.communicate(timeout=60) for proc in ranks]
+    assert [proc.returncode for proc in ranks] == [0, 0], results
+    assert 'stopped by a signal at iteration' in results[0][0]
+    assert all('Traceback' not in err and 'terminate called' not in err for _, err in results)
     assert torch.load(cwd / 'out' / 'ckpt.pt', weights_only=True)['iter_num'] >= 3
+
+
+def test_a_user_error_under_torchrun_is_said_once_and_every_rank_exits_alike(prepared):
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           os.path.join(ROOT, 'train.py'), '--dataset=nothing_here', '--device=cpu'],
+                          cwd=prepared, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.count("error: dataset 'nothing_here' is not prepared") == 1  # rank 0 alone says it
+    assert re.findall(r'exitcode\s*: (-?\d+) \(pid', proc.stderr) == ['1', '1']  # torchrun's summary of each rank
+    assert 'terminate called' not in proc.stderr
 
 
 def test_resume_refuses_a_new_shape_and_logs_changed_keys(prepared):
@@ -108,6 +156,20 @@ def test_resume_refuses_a_new_shape_and_logs_changed_keys(prepared):
     out = run('train.py', *ARGS, '--init_from=resume', '--max_iters=6', '--eval_interval=4', '--learning_rate=1e-3',
               cwd=cwd).stdout
     assert 'changed since the checkpoint: learning_rate 0.003 -> 0.001, max_iters 4 -> 6' in out
+
+
+@pytest.mark.parametrize('key,value', [('n_layer', 3), ('n_head', 4), ('n_embd', 64), ('bias', True),
+                                       ('block_size', 64), ('lora_rank', 8), ('lora_alpha', 16.0),
+                                       ('lora_targets', 'c_attn')])
+def test_resume_refuses_a_changed_shape_or_adapter(key, value):
+    cfg = SimpleNamespace(**{**train.DEFAULTS, 'n_layer': 2, 'n_head': 2, 'n_embd': 32, 'block_size': 32,
+                             'bias': False, 'lora_rank': 4, 'lora_alpha': 8.0, 'lora_targets': 'c_attn,c_proj'})
+    checkpoint = {'model_args': {k: getattr(cfg, k) for k in MODEL_KEYS}, 'config': dict(vars(cfg)),
+                  'lora': lora_settings(cfg)}
+    check_resume(cfg, checkpoint, master=False)  # the same settings resume
+    setattr(cfg, key, value)
+    with pytest.raises(SystemExit, match=f"has {key}=.*this run asks for"):
+        check_resume(cfg, checkpoint, master=False)
 
 
 def test_resume_refuses_a_dataset_with_a_larger_vocabulary(prepared):

@@ -1,13 +1,16 @@
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import train
-from conftest import run
+from conftest import ROOT, run
 from checkpoint import load_checkpoint
+from tokenizer import Tokenizer
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
         '--warmup_iters=5', '--lr_decay_iters=40', '--learning_rate=3e-3', '--min_lr=3e-4', '--device=cpu']
@@ -41,7 +44,9 @@ def test_end_to_end_train_resume_sample(prepared):
     first = run('train.py', '--dataset=tiny_char', '--out_dir=out', '--max_iters=20', '--eval_interval=10',
                 '--log_interval=5', *TINY, cwd=cwd).stdout
     assert 'iter 20: loss' in first and 'step 20: train loss' in first
-    assert re.search(r'iter 5: loss [\d.]+, time [\d.]+ms, tok/s [\d,]+, mfu [\d.]+%', first)
+    # MFU is measured from the 5th log line on (earlier steps include warm-up): '-' until then, never 0.00%
+    assert re.search(r'iter 5: loss [\d.]+, time [\d.]+ms, tok/s [\d,]+, mfu -, eta', first)
+    assert re.search(r'iter 20: loss [\d.]+, time [\d.]+ms, tok/s [\d,]+, mfu -, eta', first)
     losses = [float(v) for v in re.findall(r'val loss ([\d.]+)', first)]
     assert losses[-1] < losses[0]  # it learns
     assert os.path.exists(cwd / 'out' / 'ckpt.pt') and os.path.exists(cwd / 'out' / 'best.pt')
@@ -50,6 +55,15 @@ def test_end_to_end_train_resume_sample(prepared):
                   '--eval_interval=10', '--log_interval=5', *TINY, cwd=cwd).stdout
     assert 'resuming from out at iteration 20' in resumed and 'step 30: train loss' in resumed
     assert load_checkpoint(str(cwd / 'out'))[1]['iter_num'] == 30
+    logged = run('train.py', '--dataset=tiny_char', '--out_dir=mfu', '--max_iters=5', '--eval_interval=5',
+                 '--log_interval=1', *TINY, cwd=cwd).stdout
+    assert re.search(r'iter 4: .*, mfu -, ', logged) and re.search(r'iter 5: .*, mfu \d+\.\d\d%, ', logged)
+    # eval_only in a run's out_dir evaluates its checkpoint (not a random model), and writes nothing
+    before = (cwd / 'out' / 'ckpt.pt').read_bytes()
+    evaluated = run('train.py', '--dataset=tiny_char', '--out_dir=out', '--eval_only=True', *TINY, cwd=cwd).stdout
+    assert 'resuming from out at iteration 30' in evaluated
+    assert float(re.findall(r'val loss ([\d.]+)', evaluated)[-1]) < losses[0] - 0.3
+    assert (cwd / 'out' / 'ckpt.pt').read_bytes() == before
 
     batch = run('sample.py', '--out_dir=out', '--num_samples=3', '--max_new_tokens=40', '--start=The',
                 cwd=cwd).stdout
@@ -60,6 +74,15 @@ def test_end_to_end_train_resume_sample(prepared):
     again = run('sample.py', '--out_dir=out', '--num_samples=1', '--max_new_tokens=40', '--temperature=0',
                 '--start=ROMEO:', '--dtype=float32', cwd=cwd).stdout
     assert again == streamed  # greedy is deterministic
+    # and it is the model's argmax at every step, each from a plain forward pass over the text so far
+    model, checkpoint = load_checkpoint(str(cwd / 'out'))
+    tokenizer = Tokenizer(checkpoint['meta'])
+    ids = tokenizer.encode('ROMEO:')
+    with torch.no_grad():
+        for _ in range(40):
+            logits, _ = model.eval()(torch.tensor([ids[-model.config.block_size:]]))
+            ids.append(logits[0, -1, :tokenizer.vocab_size].argmax().item())
+    assert streamed.startswith(tokenizer.decode(ids))
 
 
 def test_resume_gives_bitwise_the_same_weights(prepared):
@@ -74,6 +97,38 @@ def test_resume_gives_bitwise_the_same_weights(prepared):
     assert straight['iter_num'] == halves['iter_num'] == 20
     for key, value in straight['model'].items():
         assert torch.equal(value, halves['model'][key]), key
+
+
+# float16 on a CPU is refused (its matmuls are slow there): this runs train.py as it would run on a GPU in float16,
+# on a model small enough for a CPU's float16 (and no 2048-wide matmul to measure MFU against). Its GradScaler
+# starts high and grows every 3 steps, so that overflowing steps are skipped and the loss scale moves all along.
+FLOAT16 = ("import functools, sys, torch, train; train.pick_dtype = lambda dtype, device_type: 'float16'; "
+           "train.measure_peak_flops = lambda device, dtype: 1e12; torch.amp.GradScaler = functools.partial("
+           "torch.amp.GradScaler, init_scale=2.0 ** 24, growth_interval=3); train.main(sys.argv[1:])")
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_resume_is_bitwise_in_reduced_precision_with_the_scalers_state(prepared, dtype):
+    cwd = prepared
+    common = ['--dataset=tiny_char', '--eval_interval=10', '--log_interval=10', f'--dtype={dtype}', '--dropout=0.1',
+              *TINY, '--gradient_accumulation_steps=2']
+
+    def train_run(*args):
+        if dtype == 'bfloat16':
+            return run('train.py', *args, *common, cwd=cwd)
+        proc = subprocess.run([sys.executable, '-c', FLOAT16, *args, *common], cwd=cwd, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, 'PYTHONPATH': ROOT})
+        assert proc.returncode == 0, proc.stderr
+        return proc
+    assert f'dtype {dtype}' in train_run('--out_dir=straight', '--max_iters=20').stdout
+    train_run('--out_dir=halves', '--max_iters=10')
+    train_run('--out_dir=halves', '--max_iters=20', '--init_from=resume')
+    straight = torch.load(cwd / 'straight' / 'ckpt.pt', weights_only=True)
+    halves = torch.load(cwd / 'halves' / 'ckpt.pt', weights_only=True)
+    for key, value in straight['model'].items():
+        assert torch.equal(value, halves['model'][key]), key
+    if dtype == 'float16':  # the loss scale moved, and was resumed with the rest
+        assert straight['scaler']['scale'] < 2.0 ** 24 and straight['scaler'] == halves['scaler']
 
 
 def test_best_checkpoint_is_not_replaced_by_a_worse_one(prepared):
@@ -101,6 +156,12 @@ def test_best_checkpoint_is_not_replaced_by_a_worse_one(prepared):
     ('train.py', ['--dataset=tiny_char', '--init_from=resume', '--out_dir=empty'], 'no checkpoint at empty'),
     ('train.py', ['config/no_such_config.py'], 'not found'),
     ('sample.py', ['--out_dir=empty'], 'no checkpoint at empty'),
+    ('sample.py', ['--GPT2_EOT=7'], "unknown config key 'GPT2_EOT'"),  # an imported constant is not a key
+    ('train.py', ['--dataset=tiny_char', '--init_from=out-tiny-cpuu'],
+     "no checkpoint or directory named 'out-tiny-cpuu' exists, and it is not a Hub model"),
+    ('train.py', ['--dataset=tiny_char', '--out_dir='], "out_dir must name a directory, and '' is empty"),
+    ('train.py', ['--dataset=tiny_char', '--max_iters=-1'], 'max_iters must be >= 0, got -1'),
+    ('train.py', ['--dataset=tiny_char', '--dtype=float16'], 'float16'),
 ])
 def test_bad_input_is_a_one_line_error(prepared, script, args, message):
     before = sorted(os.listdir(prepared / 'data' / 'tiny_char'))
@@ -109,6 +170,15 @@ def test_bad_input_is_a_one_line_error(prepared, script, args, message):
     assert message in proc.stderr, proc.stderr
     assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert sorted(os.listdir(prepared / 'data' / 'tiny_char')) == before
+
+
+def test_wandb_log_without_wandb_says_what_to_install_before_any_work(prepared):
+    import importlib.util
+    if importlib.util.find_spec('wandb'):
+        pytest.skip("wandb is installed here")
+    proc = run('train.py', '--dataset=tiny_char', '--out_dir=out', '--wandb_log=True', cwd=prepared, check=False)
+    assert proc.returncode == 1 and 'pip install wandb' in proc.stderr and 'Traceback' not in proc.stderr
+    assert proc.stdout == '' and not (prepared / 'out').exists()
 
 
 def test_ddp_with_gloo_matches_one_process(prepared):
@@ -131,11 +201,16 @@ def test_ddp_with_gloo_matches_one_process(prepared):
 
 
 @pytest.mark.slow
-def test_compile_works_on_cpu(prepared):
+def test_compile_works_on_cpu_and_trains_as_eager(prepared):
     cwd = prepared
-    out = run('train.py', '--dataset=tiny_char', '--out_dir=out', '--max_iters=10', '--eval_interval=10',
-              '--compile=True', *TINY, cwd=cwd).stdout
+    args = ['--dataset=tiny_char', '--max_iters=10', '--eval_interval=10', '--log_interval=1', '--dtype=float32', *TINY]
+    out = run('train.py', '--out_dir=out', '--compile', *args, cwd=cwd).stdout  # a bare --compile is True
     assert 'compile True' in out and 'step 10: train loss' in out
+    eager = run('train.py', '--out_dir=eager', *args, cwd=cwd).stdout
+    assert 'compile False' in eager
+    compiled_losses, eager_losses = ([float(v) for v in re.findall(r'iter \d+: loss ([\d.]+)', o)] for o in (out, eager))
+    assert len(compiled_losses) == 10  # the same losses step by step, up to the fused kernels' rounding
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-3)
     sampled = run('sample.py', '--out_dir=out', '--compile=True', '--num_samples=2', '--max_new_tokens=20',
                   cwd=cwd).stdout
     assert sampled.count('---------------') == 2
