@@ -4,11 +4,13 @@ Turn text, or conversations, into the token streams train.py reads:
     data/<name>/meta.json           the tokenizer (tokenizer.py), vocab_size, dtype
     data/<name>/train_mask.bin, val_mask.bin   (conversations) a byte per token: 1 if training predicts it,
                                     + 2 where a conversation starts
+    data/<name>/report.json, removed_samples.jsonl   what was read, kept and removed, and why (curate.py)
 
     python prepare.py shakespeare_char           # tiny shakespeare, one token per character
     python prepare.py shakespeare                # the same text in GPT-2 BPE tokens
     python prepare.py NAME --input=PATH          # a file, a directory, a glob or an http(s) URL
     python prepare.py NAME --input=PATH --tokenizer=bpe --vocab_size=8192   # a BPE trained on the train split
+    python prepare.py NAME --input=DIR --quality=web --near_dedup=0.8 --redact_pii   # curated, as FineWeb is
     python prepare.py sft --input=chats.jsonl --tokenizer=data/NAME         # conversations, NAME's tokenizer
     python prepare.py fineweb10B --shards=8      # FineWeb in GPT-2 tokens, as the NanoGPT speedrun publishes it
 
@@ -17,7 +19,8 @@ files a list of them. Records with "messages" (OpenAI's fine-tuning format) or "
 (Alpaca's) are conversations, rendered with the chat template.
 A single text file (or URL) is split by position: its first (1 - val_fraction) is the training split.
 Anything else is split by document (every 1/val_fraction-th kept one goes to val), and in BPE tokens
-every document starts with the end-of-text token. Exact duplicate documents are dropped.
+every document starts with the end-of-text token. Exact duplicate documents are dropped; curate.py's quality
+rules, near-duplicate removal and PII redaction are there to switch on.
 
 Memory stays bounded whatever the input's size: documents are read one at a time and cut into pieces of
 ~1M characters that worker processes tokenize, and their tokens are appended to the splits in input order as
@@ -39,8 +42,10 @@ from contextlib import ExitStack
 
 import numpy as np
 
+import curate  # quality rules, near duplicates, PII, the report
 import documents as docs  # the input: files, documents, conversations, pieces
 import hub
+from curate import SeenHashes
 from dataset import DATASETS, GPT2_META, INCOMPLETE, die, download, load_meta, shard_tokens, token_dtype
 from documents import Conversation, TextFile, characters, detect_format, input_files, pieces, read_documents, texts
 from tokenizer import Tokenizer, check_vocab_size, gpt2_encoding, hub_tokenizer, train_bpe, with_chat_tokens
@@ -52,48 +57,85 @@ FINEWEB_TRAIN_SHARDS = 103
 # -----------------------------------------------------------------------------
 # choosing the documents, and tokenizing them in worker processes
 
-class SeenHashes:
-    """A set of 64-bit hashes in ~8-30 bytes each, where a Python set takes ~90: a sorted array, plus a set of
-    recent ones merged into it whenever it grows past a quarter of the array (so merges stay rare)."""
-
-    def __init__(self):
-        self.merged, self.recent = np.empty(0, dtype=np.uint64), set()
-
-    def add(self, h):
-        """Add h; False if it was already there."""
-        i = int(np.searchsorted(self.merged, h))
-        if h in self.recent or (i < len(self.merged) and self.merged[i] == h):
-            return False
-        self.recent.add(h)
-        if len(self.recent) > max(1 << 16, len(self.merged) // 4):
-            self.merged = np.sort(np.concatenate([self.merged, np.fromiter(self.recent, np.uint64, len(self.recent))]))
-            self.recent.clear()
-        return True
-
-
-def kept_documents(documents, val_fraction, min_length, dedup, counts):
-    """(split, document) for each document kept, decided as they come: empty ones, those shorter than min_length
-    characters and exact duplicates (same text) are dropped; of the others, every 1/val_fraction-th goes to
-    val, starting with the first. counts counts them all."""
+def screened(documents, min_length, dedup, report):
+    """(number, document) for each document that is neither empty nor shorter than min_length characters nor
+    (with dedup) an exact duplicate (same text) of an earlier one, decided as they come; report counts them all."""
     seen = SeenHashes()
-    for document in documents:
-        counts['documents'] += 1
+    for number, document in enumerate(documents, 1):
         if isinstance(document, TextFile) and not dedup:
-            length = os.path.getsize(document.path)  # its size stands in for its length, saving a read
+            length = n_bytes = os.path.getsize(document.path)  # its size stands in for its length, saving a read
         else:
-            length, digest = 0, hashlib.blake2b(digest_size=8)  # 64 bits: 1e7 documents collide with p < 3e-6
+            length, n_bytes = 0, 0
+            digest = hashlib.blake2b(digest_size=8)  # 64 bits: 1e7 documents collide with p < 3e-6
             if isinstance(document, Conversation):  # the same messages, roles included
                 digest.update(json.dumps(document).encode())
             for chunk in texts(TextFile(document.path) if isinstance(document, TextFile) else document):
-                length += len(chunk)
+                data = chunk.encode()
+                length, n_bytes = length + len(chunk), n_bytes + len(data)
                 if dedup and not isinstance(document, Conversation):
-                    digest.update(chunk.encode())
+                    digest.update(data)
+        report.read(n_bytes)
         if length == 0 or length < min_length:
-            counts['too short'] += 1
-            continue
-        if dedup and not seen.add(np.uint64(int.from_bytes(digest.digest(), 'little'))):
-            counts['duplicates'] += 1
-            continue
+            report.remove('too short', n_bytes, start_of(document), number)
+        elif dedup and not seen.add(np.uint64(int.from_bytes(digest.digest(), 'little'))):
+            report.remove('exact duplicate', n_bytes, start_of(document), number)
+        else:
+            yield number, document
+
+
+def start_of(document):
+    """The start of a document for the report's samples (None for a large file, read in chunks)."""
+    if isinstance(document, TextFile):
+        return None
+    return '\n'.join(document.texts()) if isinstance(document, Conversation) else next(iter(document), '')
+
+
+def curated(documents, bounds, lsh_shape, index, pool, workers, report):
+    """The documents that pass the quality rules (bounds) and, with lsh_shape (bands, rows), are no near
+    duplicate of one already in the LSH index, decided in input order. Workers judge them in batches and
+    compute their band keys; here each one's keys are looked up and added to the index, in order, so the
+    first document of a cluster is the one kept, whatever the number of workers. A document too large to
+    hold (a file read in chunks) is kept unjudged."""
+    settings, judged = (bounds, *(lsh_shape or (0, 0))), collections.deque()
+
+    def tasks():  # what the workers judge: a batch's texts; the documents wait in `judged` for their verdicts
+        batch, n_chars = [], 0
+        for number, document in documents:
+            text = None if isinstance(document, TextFile) else ''.join(texts(document))
+            batch.append((number, document, text))
+            n_chars += len(text or '')
+            if n_chars >= docs.PIECE_CHARS:
+                judged.append(batch)
+                yield settings, [text for _, _, text in batch if text is not None]
+                batch, n_chars = [], 0
+        if batch:
+            judged.append(batch)
+            yield settings, [text for _, _, text in batch if text is not None]
+    verdicts = ordered_map(pool, curate.judge_batch, tasks(), 4 * workers) if pool else map(curate.judge_batch, tasks())
+    for batch_verdicts in verdicts:
+        # the keys of those signed (not those that failed a rule or have no words), looked up and added in
+        # order, a removed one's too: a cluster grows
+        signed = [keys for _, keys in batch_verdicts if keys is not None]
+        new = iter(index.add_rows(np.stack(signed)) if signed else [])
+        batch_verdicts = iter(batch_verdicts)
+        for number, document, text in judged.popleft():
+            reason, keys = next(batch_verdicts) if text is not None else (None, None)
+            if text is None:
+                report.unjudged += 1
+            elif reason is not None:
+                report.remove(reason, len(text.encode()), text, number)
+                continue
+            elif keys is not None:
+                report.indexed += 1
+                if not next(new):
+                    report.remove('near duplicate', len(text.encode()), text, number)
+                    continue
+            yield number, document
+
+
+def with_splits(documents, val_fraction, counts):
+    """(split, document) for each document: every 1/val_fraction-th goes to val, starting with the first."""
+    for _, document in documents:
         split = 'val' if counts['val'] < val_fraction * (counts['train'] + counts['val'] + 1) else 'train'
         counts[split] += 1
         yield split, document
@@ -138,14 +180,14 @@ def batches(items):
     yield from (batch for batch in open_batches.values() if batch)
 
 
-def start_worker(meta, in_pool=False):
-    global worker_tokenizer, worker_gpt2
+def start_worker(meta, in_pool=False, redact_pii=False):
+    global worker_tokenizer, worker_gpt2, worker_redact
     if in_pool:  # Ctrl-C is the main process's to handle: it stops the pool, with SIGTERM, which ends a worker
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if hasattr(signal, 'pthread_sigmask'):
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by worker_pool until now
-    worker_tokenizer = Tokenizer(meta)
+    worker_tokenizer, worker_redact = Tokenizer(meta), redact_pii
     worker_gpt2 = None  # GPT-2's tokenizer, to compare bytes per token on the val text with (where it loads)
     if meta['tokenizer'] == 'bpe':
         try:
@@ -157,15 +199,15 @@ def start_worker(meta, in_pool=False):
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-def worker_pool(workers, meta):
+def worker_pool(workers, meta, redact_pii=False):
     """A pool of tokenizing workers. Ctrl-C and SIGTERM wait while it starts them (blocked, then delivered):
     a worker that got SIGTERM from a pool stopped early (an error in the first lines of input) before it
     had set its own handlers would die with this process's, printing a KeyboardInterrupt traceback."""
     if not hasattr(signal, 'pthread_sigmask'):  # Windows: no such signals to wait for
-        return multiprocessing.Pool(workers, start_worker, (meta, True))
+        return multiprocessing.Pool(workers, start_worker, (meta, True, redact_pii))
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        return multiprocessing.Pool(workers, start_worker, (meta, True))
+        return multiprocessing.Pool(workers, start_worker, (meta, True, redact_pii))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
@@ -173,9 +215,13 @@ def worker_pool(workers, meta):
 def encode_batch(batch):
     """In a worker: (split, token ids, mask or None, statistics) of one batch. A conversation is rendered with
     the chat template, and its mask says which tokens training predicts (1) and where it starts (2). For the
-    val text: its UTF-8 bytes, its tokens without separators and GPT-2's tokens of it."""
+    val text: its UTF-8 bytes, its tokens without separators and GPT-2's tokens of it; with --redact_pii, the
+    redactions by kind ('email', 'ipv4', 'ipv6')."""
     tok, ids, masks, stats = worker_tokenizer, [], [], collections.Counter()
     for split, starts_a_document, item in batch:
+        if worker_redact:
+            item, found = curate.redact_item(item)
+            stats.update(found)
         if isinstance(item, Conversation):
             conversation_ids, mask = tok.render(item)
             ids.append(np.array(conversation_ids))
@@ -190,6 +236,12 @@ def encode_batch(batch):
             stats['tokens'] += len(ids[-1])
             stats['gpt2 tokens'] += len(worker_gpt2.encode_ordinary(item)) if worker_gpt2 else 0
     return batch[0][0], np.concatenate(ids).astype(tok.meta['dtype']), np.concatenate(masks) if masks else None, stats
+
+
+def redacted(items):
+    """by_document's or by_position's items, redacted: what a BPE trained here learns from."""
+    for split, starts_a_document, item in items:
+        yield split, starts_a_document, curate.redact_item(item)[0]
 
 
 def ordered_map(pool, fn, items, window):
@@ -255,9 +307,13 @@ def train_tokenizer(items, vocab_size):
 
 
 def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='data', workers=None,
-            min_length=0, dedup=True, vocab_size=None, format=None):
-    """Make data/<name>/ (train.bin, val.bin, meta.json; with conversations, the masks) from the input
-    (see input_files) and tokenizer (see choose_tokenizer); returns its path."""
+            min_length=0, dedup=True, vocab_size=None, format=None, quality=None, quality_keys=None,
+            near_dedup=None, redact_pii=False):
+    """Make data/<name>/ (train.bin, val.bin, meta.json; with conversations, the masks; report.json and
+    removed_samples.jsonl) from the input (see input_files) and tokenizer (see choose_tokenizer); returns its
+    path. Curation (curate.py): quality, a preset of the quality rules' bounds, and quality_keys, bounds of
+    its rules to set or replace; near_dedup, a Jaccard similarity past which a document is removed as a near
+    duplicate of an earlier one; redact_pii, emails and public IP addresses replaced by placeholders."""
     from tqdm import tqdm
     if not 0.0 < val_fraction < 1.0:
         die(f"val_fraction must be between 0 and 1, got {val_fraction}")
@@ -267,6 +323,13 @@ def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='
         die(f"workers must be 1 or more, got {workers}")
     if format not in (None, 'text', 'chat'):
         die(f"unknown format '{format}': use text or chat (the default: told by the records)")
+    try:
+        bounds = curate.quality_bounds(quality, **(quality_keys or {}))
+    except ValueError as e:
+        die(str(e))
+    if near_dedup is not None and not 0.0 < near_dedup < 1.0:
+        die(f"--near_dedup is a Jaccard similarity between 0 and 1 (FineWeb's is about 0.75), got {near_dedup}; "
+            "1 would be exact duplicates, which --dedup removes")
     if not re.fullmatch(r'[\w][\w.-]*', name):  # a directory of data/, never a path out of it
         die(f"the dataset name '{name}' must be letters, digits, '_', '-' or '.' (it names data/<name>/)")
     data_dir = os.path.join(data_root, name)
@@ -281,19 +344,31 @@ def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='
     chat = (format or detect_format(files)) == 'chat'
     single_text = single_text and not chat
     tokenizer = tokenizer or DATASETS.get(name, (None, None, 'char' if name.endswith('_char') else 'gpt2'))[2]
+    if (bounds or near_dedup) and (chat or single_text):
+        die("--quality and --near_dedup judge documents of text: " + (
+            "conversations are not filtered by them (--redact_pii works on them)" if chat else
+            f"{input_path or files[0]} is one text, split by position; give a directory, a glob or .jsonl documents"))
+    lsh_shape = curate.lsh_shape(near_dedup) if near_dedup else None
     chars, n_chars = characters(files, chat) if tokenizer == 'char' or single_text else (None, None)
+    if redact_pii and tokenizer == 'char':  # the vocabulary made here holds the placeholders' characters too
+        chars = ''.join(sorted(set(chars) | set(''.join(curate.PLACEHOLDERS.values()))))
 
-    def documents(counts=None, progress=lambda n_bytes: None):
+    def documents(report=None, progress=lambda n_bytes: None, pool=None, index=None):
         """by_position's or by_document's items: the same on every pass over the input."""
-        kept = kept_documents(read_documents(files, progress, chat), val_fraction, min_length,
-                              dedup and not single_text, collections.Counter() if counts is None else counts)
+        report = report or curate.Report()
+        kept = screened(read_documents(files, progress, chat), min_length, dedup and not single_text, report)
+        if bounds or lsh_shape:
+            kept = curated(kept, bounds, lsh_shape, index or SeenHashes(), pool, workers, report)
+        kept = with_splits(kept, val_fraction, report.splits)
         return by_position(kept, int(n_chars * (1 - val_fraction))) if single_text else by_document(kept)
-    meta = choose_tokenizer(tokenizer, files, chat, chars, documents, vocab_size)
+    meta = choose_tokenizer(tokenizer, files, chat, chars, (lambda: redacted(documents())) if redact_pii else documents,
+                            vocab_size)
     t_tokenize = time.time()
 
     # read, choose and cut the documents here; workers tokenize; their tokens are appended to temporary files
-    start_worker(meta)  # here first: a tokenizer that can't load stops us now, not each worker in a loop
-    counts, tokens, stats = collections.Counter(), collections.Counter(), collections.Counter()
+    start_worker(meta, redact_pii=redact_pii)  # here first: a tokenizer that can't load stops us now, not each worker
+    report, index = curate.Report(redact_samples=redact_pii), SeenHashes()
+    tokens, stats = collections.Counter(), collections.Counter()
     keys = ['train', 'val'] + (['train_mask', 'val_mask'] if chat else [])
     tmp = {key: os.path.join(data_dir, f'{key}.bin.tmp') for key in keys}
     try:
@@ -302,8 +377,8 @@ def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='
             out = {key: stack.enter_context(open(path, 'wb')) for key, path in tmp.items()}
             bar = stack.enter_context(tqdm(total=n_bytes, unit='B', unit_scale=True,
                                            desc=f'tokenizing ({workers} workers)'))
-            pool = stack.enter_context(worker_pool(workers, meta)) if workers > 1 else None
-            tasks = batches(documents(counts, bar.update))
+            pool = stack.enter_context(worker_pool(workers, meta, redact_pii)) if workers > 1 else None
+            tasks = batches(documents(report, bar.update, pool, index))
             results = ordered_map(pool, encode_batch, tasks, window=4 * workers) if pool else map(encode_batch, tasks)
             for split, ids, mask, batch_stats in results:
                 ids.tofile(out[split])
@@ -311,27 +386,34 @@ def prepare(name, input_path=None, tokenizer=None, val_fraction=0.1, data_root='
                     mask.tofile(out[f'{split}_mask'])
                 tokens[split] += len(ids)
                 stats.update(batch_stats)
+        counts = report.splits
         for split in ('train', 'val'):
             if tokens[split] == 0:
-                die(f"no {split} text in {input_path or files[0]}: of {counts['documents']:,} documents, "
-                    f"{counts['duplicates']:,} were duplicates and {counts['too short']:,} empty or shorter than "
-                    f"--min_length; {counts['train']:,} went to train and {counts['val']:,} to val: "
+                removed = ', '.join(f"{n:,} {reason}" for reason, n in report.removed().items()) or 'none'
+                die(f"no {split} text in {input_path or files[0]}: of {report.documents['read']:,} documents, "
+                    f"{counts['train']:,} went to train and {counts['val']:,} to val (removed: {removed}): "
                     + ("use a larger --val_fraction" if single_text and split == 'val' else
-                       "pass the file itself, to split it by position" if counts['documents'] == 1 else "give more text"))
+                       "pass the file itself, to split it by position" if report.documents['read'] == 1 else
+                       "give more text, or loosen the quality rules" if bounds else "give more text"))
     except BaseException:  # a failure or Ctrl-C: the old dataset stays, without our leftovers
         for path in tmp.values():
             os.remove(path)
         raise
     replace_dataset(data_dir, tmp, meta)
+    report.redactions.update({kind: stats[kind] for kind in curate.PLACEHOLDERS if redact_pii})
+    report.index = curate.index_figures(index, report.indexed, near_dedup, lsh_shape) if lsh_shape else None
+    report.write(data_dir, splits={split: {'documents': counts[split], 'tokens': tokens[split]} for split in tokens},
+                 options={'min_length': min_length, 'dedup': dedup and not single_text, 'quality': bounds or None,
+                          'near_dedup': near_dedup, 'redact_pii': redact_pii})
 
     seconds = time.time() - t0
-    what = 'conversations' if chat else 'documents'
     if single_text:
-        print(f"one text of {n_chars:,} characters, split by position")
+        print(f"one text of {n_chars:,} characters, split by position" +
+              (f"; redacted: {report.redacted()}" if redact_pii else ""))
     else:
-        print(f"{what}: {counts['documents']:,} read, {counts['train'] + counts['val']:,} kept ({counts['val']:,} "
-              f"for val); removed {counts['duplicates']:,} duplicates, {counts['too short']:,} empty or shorter than "
-              "--min_length")
+        print('\n'.join(report.lines('conversations' if chat else 'documents')))
+        print(f"{counts['train']:,} went to train, {counts['val']:,} to val" + (
+            f"; {report.unjudged:,} over {docs.LARGE_FILE >> 20} MB were kept unjudged" if report.unjudged else ""))
     tokenizing = f"; tokenizing alone {n_bytes / 1e6 / (time.time() - t_tokenize):.1f} MB/s" if tokenizer == 'bpe' else ""
     print(f"train.bin: {tokens['train']:,} tokens; val.bin: {tokens['val']:,} tokens; "
           f"{n_bytes / 1e6:,.1f} MB of input in {seconds:.1f} s ({n_bytes / 1e6 / seconds:.1f} MB/s{tokenizing})")
@@ -367,13 +449,19 @@ def prepare_fineweb(shards, data_root='data'):
         die(f"--shards must be between 1 and {FINEWEB_TRAIN_SHARDS} (100M tokens each), got {shards}")
     data_dir = os.path.join(data_root, 'fineweb10B')
     os.makedirs(data_dir, exist_ok=True)
-    open(os.path.join(data_dir, INCOMPLETE), 'w').close()  # until every shard is here
+    marker = os.path.join(data_dir, INCOMPLETE)
+    open(marker, 'w').close()  # until every shard is here
     names = {'val': ['fineweb_val_000000.bin'], 'train': [f'fineweb_train_{i:06d}.bin' for i in range(1, shards + 1)]}
     n_tokens = collections.Counter()
     for split, filenames in names.items():
         for filename in filenames:
             path = os.path.join(data_dir, filename)
-            download(f'{hub.endpoint()}/datasets/{FINEWEB_REPO}/resolve/main/{filename}', path)  # unless it is here
+            try:
+                download(f'{hub.endpoint()}/datasets/{FINEWEB_REPO}/resolve/main/{filename}', path)  # unless here
+            except SystemExit as e:  # train.py will say this, not that a prepare.py was interrupted
+                with open(marker, 'w') as f:
+                    f.write(f"downloading {filename} failed ({str(e.code).removeprefix('error: ')})")
+                raise
             n_tokens[split] += len(shard_tokens(path))
     with open(os.path.join(data_dir, 'meta.json'), 'w') as f:  # the shards train.py reads: no more, no fewer
         json.dump({**GPT2_META, 'shards': names}, f)
@@ -397,6 +485,13 @@ if __name__ == '__main__':
     parser.add_argument('--dedup', action=argparse.BooleanOptionalAction, default=True,
                         help='drop exact duplicate documents (default: on)')
     parser.add_argument('--shards', type=int, default=8, help='fineweb10B: training shards of 100M tokens')
+    parser.add_argument('--quality', help="quality rules: 'web' (FineWeb's choice of Gopher's and C4's)")
+    for rule, (_, low, high) in curate.RULES.items():  # each bound of each rule, an option
+        for key in filter(None, (low, high)):
+            parser.add_argument(f'--{key}', type=float, help=f"{rule}: {'least' if key == low else 'most'} "
+                                f"kept (--quality=web: {curate.PRESETS['web'][key]})")
+    parser.add_argument('--near_dedup', type=float, help='remove near duplicates at this Jaccard similarity (e.g. 0.8)')
+    parser.add_argument('--redact_pii', action='store_true', help='replace emails and public IP addresses')
     args = parser.parse_args()
     name = args.name or args.name_flag
     if not name:
@@ -407,6 +502,8 @@ if __name__ == '__main__':
             prepare_fineweb(args.shards)
         else:
             prepare(name, args.input, args.tokenizer, args.val_fraction, workers=args.workers,
-                    min_length=args.min_length, dedup=args.dedup, vocab_size=args.vocab_size, format=args.format)
+                    min_length=args.min_length, dedup=args.dedup, vocab_size=args.vocab_size, format=args.format,
+                    quality=args.quality, quality_keys={key: getattr(args, key) for key in curate.QUALITY_KEYS},
+                    near_dedup=args.near_dedup, redact_pii=args.redact_pii)
     except KeyboardInterrupt:
         die("interrupted: run the same command again to start over (a download resumes where it stopped)")

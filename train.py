@@ -536,8 +536,12 @@ if __name__ == '__main__':
     except KeyboardInterrupt:  # a second Ctrl-C (or signal) while the first one's step finishes
         die("interrupted: nothing was saved after the last checkpoint")
     except SystemExit as e:  # under torchrun every rank stops alike (a missing dataset, say); rank 0 alone says why
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        if int(os.environ.get('RANK', 0)) > 0 and isinstance(e.code, str):
-            sys.exit(1)
+        if isinstance(e.code, str) and 'RANK' in os.environ:
+            # torchrun ends the ranks still running (SIGTERM) once one has left: they leave with the same code
+            signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(1))
+            if int(os.environ['RANK']) == 0:
+                print(e.code, file=sys.stderr, flush=True)
+            else:
+                time.sleep(2)  # rank 0 leaves first, having said why
+            os._exit(1)  # no teardown of the process group, which can abort when the other side is gone
         raise

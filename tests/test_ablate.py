@@ -2,12 +2,15 @@ import json
 import math
 import re
 
+import pytest
+
 from conftest import run
 
 TINY = "dataset = 'tiny_char'\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 32\nbatch_size = 8\n" \
        "gradient_accumulation_steps = 1\neval_iters = 2\nmax_iters = 100\nwarmup_iters = 10\ndevice = 'cpu'\n"
 
 
+@pytest.mark.slow
 def test_ablate_runs_each_option_on_and_off_and_prints_its_table(tmp_path, small_text):
     (tmp_path / 'input.txt').write_text(small_text, encoding='utf-8')
     run('prepare.py', 'tiny_char', '--input=input.txt', cwd=tmp_path)

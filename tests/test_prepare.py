@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,7 +151,9 @@ def test_a_directory_of_documents_round_trips(tmp_path, small_text, capsys):
     # every 4th kept document goes to val, starting with the first
     assert splits['val'] == expected[::4] and splits['train'] == [d for i, d in enumerate(expected) if i % 4]
     out = capsys.readouterr().out
-    assert 'documents: 34 read, 30 kept (8 for val); removed 3 duplicates, 1 empty or shorter than --min_length' in out
+    table = dict(re.findall(r'^(\S.*?) {2,}([\d,]+) ', out, re.M))  # name, documents
+    assert table['read'] == '34' and table['kept'] == '30' and '22 went to train, 8 to val' in out
+    assert table['removed: exact duplicate'] == '3' and table['removed: too short'] == '1'
     # a glob picks its files the same way; here only the .jsonl, where the CRLF copy of b.md is no duplicate
     prepare('glob', str(tmp_path / 'in' / '**' / '*.jsonl'), data_root=str(tmp_path / 'data'))
     splits = gpt2_documents(tmp_path / 'data' / 'glob')
@@ -300,7 +303,7 @@ def test_an_interrupted_prepare_never_leaves_a_dataset_that_looks_complete(tmp_p
     stderr = proc.communicate()[1]
     assert proc.returncode == 1 and 'error: interrupted' in stderr and 'Traceback' not in stderr, stderr
     assert {n: open(os.path.join(data_dir, n), 'rb').read() for n in old} == old
-    assert sorted(os.listdir(data_dir)) == ['meta.json', 'train.bin', 'val.bin']
+    assert sorted(os.listdir(data_dir)) == ['meta.json', 'removed_samples.jsonl', 'report.json', 'train.bin', 'val.bin']
 
     # killed while the new files are moved into place: train.py refuses the dataset
     real_replace, calls = os.replace, []
@@ -316,12 +319,12 @@ def test_an_interrupted_prepare_never_leaves_a_dataset_that_looks_complete(tmp_p
     monkeypatch.undo()
     cfg = train.SimpleNamespace(**{**train.DEFAULTS, 'dataset': 'd_char', 'block_size': 8})
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match='is incomplete: a prepare.py writing it was interrupted; run it again'):
+    with pytest.raises(SystemExit, match='is incomplete: a prepare.py writing it was interrupted; run prepare.py again'):
         train.open_dataset(cfg.dataset, cfg.block_size)
 
     # a re-run starts clean and leaves a complete dataset
     prepare('d_char', str(tmp_path / 'old.txt'), data_root=str(tmp_path / 'data'))
-    assert sorted(os.listdir(data_dir)) == ['meta.json', 'train.bin', 'val.bin']
+    assert sorted(os.listdir(data_dir)) == ['meta.json', 'removed_samples.jsonl', 'report.json', 'train.bin', 'val.bin']
     assert {n: open(os.path.join(data_dir, n), 'rb').read() for n in old} == old
     train.open_dataset(cfg.dataset, cfg.block_size)
 
@@ -440,14 +443,37 @@ def test_fineweb_shards_download_and_train(tmp_path, http_server):
     run('prepare.py', 'fineweb10B', '--shards=1', cwd=tmp_path, env=env)  # now train.py reads one shard
     assert load_meta(str(tmp_path / 'data' / 'fineweb10B')) == {'tokenizer': 'gpt2', 'vocab_size': 50257, 'dtype': 'uint16'}
     assert len(open_split(str(tmp_path / 'data' / 'fineweb10B'), 'train', 'uint16')) == 3000
-    # an interrupted download (here: a shard the server lacks) leaves a dataset train.py refuses
+    # a failed download (here: a shard the server lacks) leaves a dataset train.py refuses, saying why
     proc = run('prepare.py', 'fineweb10B', '--shards=4', cwd=tmp_path, env=env, check=False)
     assert proc.returncode == 1 and 'HTTP 404' in proc.stderr
     proc = run('train.py', '--dataset=fineweb10B', cwd=tmp_path, check=False)
-    assert 'is incomplete: a prepare.py writing it was interrupted' in proc.stderr, proc.stderr
+    assert 'is incomplete: downloading fineweb_train_000004.bin failed (could not download' in proc.stderr
+    assert 'HTTP 404' in proc.stderr and 'interrupted' not in proc.stderr and 'Traceback' not in proc.stderr
     run('prepare.py', 'fineweb10B', '--shards=2', cwd=tmp_path, env=env)
     proc = run('train.py', '--dataset=fineweb10B', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=64',
                '--batch_size=4', '--gradient_accumulation_steps=1', '--max_iters=4', '--eval_interval=4',
                '--eval_iters=2', '--log_interval=2', '--device=cpu', '--compile=False', '--out_dir=out-fw', cwd=tmp_path)
     assert 'step 4: train loss' in proc.stdout and (tmp_path / 'out-fw' / 'ckpt.pt').exists()
 
+
+
+@needs_bpe
+def test_streaming_holds_memory_flat_as_the_input_grows(tmp_path, small_text, monkeypatch):
+    """prepare.py's own peak memory (tracemalloc: Python objects and numpy arrays) on a single text file of 4 and
+    of 16 pieces: the same within a margin, and below the file's size."""
+    import tracemalloc
+    piece = 250_000
+    monkeypatch.setattr(documents, 'PIECE_CHARS', piece)
+    monkeypatch.setattr(documents, 'LARGE_FILE', piece)  # bytes: files above it are read in chunks
+    peaks = {}
+    for n_pieces in (4, 16):
+        text = (small_text * (n_pieces * piece // len(small_text) + 1))[:n_pieces * piece]
+        (tmp_path / f'{n_pieces}.txt').write_text(text, encoding='utf-8')
+        tracemalloc.start()
+        prepare(f'p{n_pieces}', str(tmp_path / f'{n_pieces}.txt'), 'gpt2', data_root=str(tmp_path / 'data'),
+                workers=1)
+        peaks[n_pieces] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    print(f"peak traced memory: {peaks[4] / 1e6:.2f} MB for 4 pieces, {peaks[16] / 1e6:.2f} MB for 16")
+    assert peaks[16] < 1.25 * peaks[4]  # flat: not 4x
+    assert peaks[16] < 0.8 * 16 * piece  # and below the 4 MB text

@@ -38,6 +38,7 @@ def wait_for(proc, text, timeout=120):
     raise AssertionError(f"never saw {text!r}:\n{''.join(lines)}\n{proc.stderr.read()}")
 
 
+@pytest.mark.slow
 def test_kill_9_never_leaves_a_broken_checkpoint(prepared):
     """SIGKILL a run that saves at every step, at several moments; every ckpt.pt left behind loads."""
     cwd = prepared
@@ -91,6 +92,7 @@ def test_signal_saves_at_the_next_step_and_resume_continues(prepared, signum):
     assert (cwd / 'again' / 'ckpt.pt').read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_from_a_signal_saved_checkpoint_is_bitwise_a_run_that_never_stopped(prepared):
     cwd = prepared
     common = [*ARGS, '--eval_interval=1000', '--dtype=float32', '--dropout=0.1', '--gradient_accumulation_steps=2',

@@ -279,14 +279,14 @@ def test_a_hub_repository_without_a_usable_tokenizer_is_a_one_line_error(hub, tm
     root, _ = hub
     torch.manual_seed(0)
     source = GPT(GPTConfig(block_size=32, vocab_size=1000, n_layer=1, n_head=2, n_embd=16, bias=True)).eval()
-    publish(root, 'no-tokenizer', source)
+    publish(root, 'test/no-tokenizer', source)
     with pytest.raises(SystemExit, match='fewer than GPT-2.s 50257, and no tokenizer.json'):
-        load_model('no-tokenizer')
-    publish(root, 'wordpiece', source)
-    (root / 'wordpiece' / 'resolve' / 'main' / 'tokenizer.json').write_text(json.dumps(
+        load_model('test/no-tokenizer')
+    publish(root, 'test/wordpiece', source)
+    (root / 'test' / 'wordpiece' / 'resolve' / 'main' / 'tokenizer.json').write_text(json.dumps(
         {'model': {'type': 'WordPiece', 'vocab': {'a': 0}}, 'pre_tokenizer': None}))
     with pytest.raises(SystemExit, match='is not a tokenizer.json gptforge can use .*not a plain byte-level BPE'):
-        load_model('wordpiece')
+        load_model('test/wordpiece')
     (tmp_path / 'in.txt').write_text('some text to prepare\n' * 50)
-    proc = run('prepare.py', 'x', '--input=in.txt', '--tokenizer=hub:no-tokenizer', cwd=tmp_path, check=False)
-    assert 'no-tokenizer has no tokenizer.json' in proc.stderr and 'Traceback' not in proc.stderr
+    proc = run('prepare.py', 'x', '--input=in.txt', '--tokenizer=hub:test/no-tokenizer', cwd=tmp_path, check=False)
+    assert 'test/no-tokenizer has no tokenizer.json' in proc.stderr and 'Traceback' not in proc.stderr

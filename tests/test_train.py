@@ -107,6 +107,7 @@ FLOAT16 = ("import functools, sys, torch, train; train.pick_dtype = lambda dtype
            "torch.amp.GradScaler, init_scale=2.0 ** 24, growth_interval=3); train.main(sys.argv[1:])")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
 def test_resume_is_bitwise_in_reduced_precision_with_the_scalers_state(prepared, dtype):
     cwd = prepared
