@@ -26,8 +26,8 @@ from model import GPT, GPTConfig, add_lora, merge_lora, padded_vocab_size
 from tokenizer import compatible, hub_tokenizer, special_tokens
 
 
-# the model's shape: what a resumed run may not change (dropout may; the vocabulary comes from the data)
 HUB_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', 'distilgpt2')  # Hub models without an owner
+# the model's shape: what a resumed run may not change (dropout may; the vocabulary comes from the data)
 MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name not in ('dropout', 'vocab_size'))
 
 
