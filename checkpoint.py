@@ -6,6 +6,9 @@ never loses the last one.
     model, checkpoint = load_model(init_from, out_dir)   # 'resume', a checkpoint file or out_dir, or a Hub repo
     save_checkpoint(checkpoint, path)                      # atomic: the old file or the new one
     check_resume(cfg, checkpoint, master)                  # a resumed run keeps the model's shape (and LoRA's)
+    shard_model(model, device_type, dtype)                 # FSDP2: each Block and the whole GPT sharded
+    full_model_state(model), full_optimizer_state(model, optimizer)  # gathered on rank 0, as a plain run saves them
+    load_optimizer_state(model, optimizer, state)          # a saved (plain) optimizer state into a sharded run's
 
 A checkpoint is a dict: 'model' (the state dict; with LoRA only the adapters, and 'lora' names their base),
 'model_args' (GPTConfig's fields), 'config' (train.py's keys), 'meta' (the tokenizer: tokenizer.py),
@@ -18,6 +21,10 @@ import re
 from dataclasses import asdict, fields
 
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import hub
 from common import die
@@ -72,6 +79,54 @@ def save_checkpoint(checkpoint, path):
             os.remove(tmp_path)
         print(f"warning: could not save {path} ({e}); the previous checkpoint is kept")
         return False
+
+
+def shard_model(model, device_type, dtype):
+    """FSDP2, in place: each Block and then the whole GPT (embeddings, head, final norm) sharded across the
+    processes. On CUDA in bfloat16, the Blocks compute in bfloat16 and reduce gradients in float32."""
+    mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
+    bf16 = device_type == 'cuda' and dtype == 'bfloat16'
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU (the others: none)
+
+
+def full_model_state(model):
+    """A sharded model's state dict as model.state_dict() would be, on rank 0. Every process must call it."""
+    return get_model_state_dict(model, options=FULL)
+
+
+def param_names(model, optimizer):
+    """The names of the optimizer's parameters, in the order of its param ids (0, 1, ...)."""
+    names = {p: n for n, p in model.named_parameters()}
+    return [names[p] for group in optimizer.param_groups for p in group['params']]
+
+
+def full_optimizer_state(model, optimizer):
+    """A sharded optimizer's state as optimizer.state_dict() would be (param ids, not names), on rank 0: so
+    that a run without FSDP resumes it. Every process must call it."""
+    state = get_optimizer_state_dict(model, optimizer, options=FULL)
+    if not state:
+        return state
+    ids = {name: i for i, name in enumerate(param_names(model, optimizer))}
+    return {'state': {ids[name]: value for name, value in state['state'].items()},
+            'param_groups': [{**g, 'params': [ids[name] for name in g['params']]} for g in state['param_groups']]}
+
+
+def load_optimizer_state(model, optimizer, state):
+    """A whole optimizer state (optimizer.state_dict()'s, param ids) into a sharded run's optimizer."""
+    names = param_names(model, optimizer)
+    if len(names) != sum(len(g['params']) for g in state['param_groups']):
+        raise ValueError("the saved optimizer has other parameters")
+    state = {'state': {names[i]: value for i, value in state['state'].items()},
+             'param_groups': [{**g, 'params': [names[i] for i in g['params']]} for g in state['param_groups']]}
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def fit_vocabulary(model, checkpoint, data_meta, dataset, name, grow=True):

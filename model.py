@@ -11,7 +11,8 @@ unchanged. What differs from nanoGPT's model.py:
 - grow_vocab() adds token ids (a chat template's special tokens) to a trained model;
 - LoRA: LoRALinear adapters on chosen Linears of a frozen model, merged into the weights for sampling;
 - options from the NanoGPT speedrun (GPTConfig: rope, rmsnorm, qk_norm, relu2, untied head, logit
-  softcap, zero init), all off by default, and Muon for the blocks' matrices in configure_optimizers.
+  softcap, zero init), all off by default, and Muon for the blocks' matrices in configure_optimizers;
+- activation_checkpointing: each Block's activations recomputed in the backward pass instead of kept.
 """
 
 import inspect
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class KVCache:
@@ -251,6 +253,7 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.activation_checkpointing = False  # a training setting, not the model's shape: not in GPTConfig
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             **({} if config.rope else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
@@ -307,8 +310,12 @@ class GPT(nn.Module):
         else:
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer, rope)
+            if recompute:  # keep the block's input only; its RNG state is replayed, so dropout masks are the same
+                x = checkpoint(block, x, cache, layer, rope, use_reentrant=False)
+            else:
+                x = block(x, cache, layer, rope)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.advance(T)
@@ -466,6 +473,6 @@ def merge_lora(model):
     return model
 
 
-def lora_state_dict(model):
-    """Only the adapters: what a LoRA checkpoint stores, next to a reference to its base model."""
-    return {k: v for k, v in model.state_dict().items() if '.lora_' in k}
+def lora_state_dict(state_dict):
+    """Only the adapters of a model's state dict: what a LoRA checkpoint stores, next to a reference to its base."""
+    return {k: v for k, v in state_dict.items() if '.lora_' in k}

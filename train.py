@@ -29,7 +29,8 @@ import torch
 
 from common import (autocast_context, check_ranges, config_defaults, die, load_config, measure_peak_flops,
                     pick_device, pick_dtype)
-from checkpoint import MODEL_KEYS, check_resume, fit_vocabulary, load_model, lora_settings, save_checkpoint
+from checkpoint import (MODEL_KEYS, check_resume, fit_vocabulary, full_model_state, full_optimizer_state,
+                        load_model, load_optimizer_state, lora_settings, save_checkpoint, shard_model)
 from model import LORA_TARGETS, GPT, GPTConfig, add_lora, lora_state_dict, merge_lora, padded_vocab_size
 from dataset import Conversations, open_dataset
 from plot import MetricsLog, duration, summary
@@ -106,6 +107,8 @@ backend = 'auto'  # DDP backend: 'auto' is nccl on CUDA, gloo on CPU
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16 where it is faster, else float32), 'float32', 'bfloat16', 'float16'
 compile = None  # torch.compile the model; None means on for CUDA, off elsewhere
+fsdp = False  # under torchrun: shard parameters, gradients and optimizer state across the processes (FSDP2), not DDP
+activation_checkpointing = False  # recompute each Block's forward in the backward pass: less memory, ~1/3 more compute
 # -----------------------------------------------------------------------------
 DEFAULTS = config_defaults(globals(), _names_before_config)
 # the values each numeric key may take (common.check_ranges)
@@ -198,9 +201,15 @@ def optimizer_step(model, optimizers, scaler, grad_clip, skip_nonfinite=False):
     return taken
 
 
+def local(p):
+    """This process's part of a parameter: its shard under FSDP, else all of it."""
+    return p.to_local() if isinstance(p, torch.distributed.tensor.DTensor) else p
+
+
 def optimizer_state_bytes(optimizers):
-    """The float32 state the optimizers will keep: AdamW two moments per parameter, Muon one momentum buffer."""
-    return sum((8 if isinstance(optimizer, torch.optim.AdamW) else 4) * p.numel()
+    """The float32 state the optimizers will keep in this process: AdamW two moments per parameter, Muon one
+    momentum buffer (under FSDP, for this process's shards)."""
+    return sum((8 if isinstance(optimizer, torch.optim.AdamW) else 4) * local(p).numel()
                for optimizer in optimizers for group in optimizer.param_groups for p in group['params'])
 
 
@@ -227,6 +236,11 @@ def check_config(cfg):
     targets = lora_settings(cfg)['targets']
     if cfg.lora_rank > 0 and (not targets or not set(targets) <= set(LORA_TARGETS)):
         die(f"lora_targets must name some of {','.join(LORA_TARGETS)}, got '{cfg.lora_targets}'")
+    if cfg.fsdp and cfg.eval_tasks:
+        die("eval_tasks are scored by rank 0 alone, which FSDP's sharded model can't do: leave eval_tasks empty "
+            "and score the checkpoints with eval.py --task")
+    if cfg.fsdp and cfg.dtype == 'float16':
+        die("fsdp=True trains in bfloat16 or float32 (float16's GradScaler is DDP's): use --dtype=bfloat16")
     if cfg.lora_rank > 0 and cfg.init_from == 'scratch':
         die("LoRA adapts a trained model: set init_from to gpt2 (or another Hub repository, or a checkpoint), "
             "or lora_rank=0 to train from scratch")
@@ -259,6 +273,9 @@ def main(argv):
                 f"number of processes ({world_size})")
     else:
         rank, world_size = 0, 1
+    if cfg.fsdp and not ddp:
+        die("fsdp=True shards the model across torchrun's processes: run under torchrun "
+            "(torchrun --standalone --nproc_per_node=N train.py ...), or leave fsdp off")
     master = rank == 0  # only the master process logs and writes checkpoints
     accum_steps = cfg.gradient_accumulation_steps // world_size  # micro-batches per process per step
     device_type = device.split(':')[0]
@@ -326,6 +343,9 @@ def main(argv):
     model_args = asdict(model.config)
     task_tokenizer = Tokenizer(meta) if tasks else None  # the tokenizer of the data, special tokens included
     model.to(device)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.fsdp:  # before the optimizers, which then hold this process's shards
+        shard_model(model, device_type, dtype)
 
     # GradScaler only does something for float16, whose gradients underflow without it
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
@@ -338,10 +358,19 @@ def main(argv):
         print(f"trainable parameters: {trainable:,} ({trainable / full:.2%}), optimizer state "
               f"{optimizer_state_bytes(optimizers) / 2 ** 20:,.1f} MiB"
               + (f" (full fine-tuning: {full:,}, AdamW {8 * full / 2 ** 20:,.1f} MiB)" if cfg.lora_rank > 0 else ''))
+        params = [local(p) for p in model.parameters()]
+        print(f"memory per process ({'FSDP' if cfg.fsdp else 'DDP' if ddp else 'one process'}): parameters "
+              f"{sum(p.nbytes for p in params) / 2 ** 20:,.3f} MiB, gradients "
+              f"{sum(p.nbytes for p in params if p.requires_grad) / 2 ** 20:,.3f} MiB, optimizer state "
+              f"{optimizer_state_bytes(optimizers) / 2 ** 20:,.3f} MiB, activations "
+              f"{'recomputed per Block' if cfg.activation_checkpointing else 'kept'}")
     if checkpoint is not None:
         try:
             for optimizer, key in zip(optimizers, ('optimizer', 'muon_optimizer')):
-                optimizer.load_state_dict(checkpoint[key])
+                if cfg.fsdp:
+                    load_optimizer_state(model, optimizer, checkpoint[key])
+                else:
+                    optimizer.load_state_dict(checkpoint[key])
         except (ValueError, KeyError):  # nanoGPT also decays the embeddings; or the optimizer changed
             print("warning: the checkpoint's optimizer state has other parameter groups (nanoGPT's, or "
                   "another optimizer's): the optimizer starts afresh, so this resume is not exact")
@@ -359,7 +388,7 @@ def main(argv):
     raw_model = model  # the plain model: what is saved, evaluated for MFU, and configured
     if use_compile:
         model = torch.compile(model)
-    if ddp:
+    if ddp and not cfg.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(device[5:])] if device_type == 'cuda' else None)
     if cfg.wandb_log and master:
         import wandb
@@ -377,9 +406,13 @@ def main(argv):
     # a LoRA checkpoint holds the adapters and names the model they adapt: the base's weights are not copied
     lora = lora_settings(cfg, base=source) if cfg.lora_rank > 0 else None
 
-    def make_checkpoint(is_best, preempted=False):
-        states = dict(zip(('optimizer', 'muon_optimizer'), (opt.state_dict() for opt in optimizers)))
-        return {'model': lora_state_dict(raw_model) if lora else raw_model.state_dict(), 'lora': lora, **states,
+    def make_checkpoint(is_best, preempted=False):  # under FSDP every process gathers, and rank 0 gets the whole state
+        if cfg.fsdp:
+            state, opt_states = full_model_state(raw_model), [full_optimizer_state(raw_model, o) for o in optimizers]
+        else:
+            state, opt_states = raw_model.state_dict(), [opt.state_dict() for opt in optimizers]
+        states = dict(zip(('optimizer', 'muon_optimizer'), opt_states))
+        return {'model': lora_state_dict(state) if lora else state, 'lora': lora, **states,
                 'model_args': model_args, 'iter_num': iter_num,
                 'best_val_loss': best_val_loss, 'config': vars(cfg), 'meta': meta, 'init_from': source,
                 'scaler': scaler.state_dict(), 'is_best': is_best, 'preempted': preempted,
@@ -401,6 +434,7 @@ def main(argv):
                          batch_rng(cfg.seed, 0, iter_num, micro_index), device, cfg.mask_prompt)
 
     x, y, n_tokens = next_batch(iter_num, 0)
+    first_iter = iter_num
     t0 = run_start = time.time()
     # (time, iteration) at the last log lines, spanning an eval or more: the time left, evals included
     recent = deque([(t0, iter_num)], maxlen=max(10, math.ceil(cfg.eval_interval / cfg.log_interval) + 1))
@@ -420,8 +454,11 @@ def main(argv):
                     group['lr'] = opt_lr
 
             if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only) \
-                    and iter_num != resumed_at and master:
+                    and iter_num != resumed_at and (master or cfg.fsdp):  # FSDP: every rank joins the forwards
                 losses = estimate_loss(model, splits, cfg, device, ctx)
+                if cfg.fsdp:  # rank 0's figures decide for all whether to save, which they do together
+                    torch.distributed.broadcast_object_list(answer := [losses], src=0)
+                    losses = answer[0]
                 line = f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                 figures = {}  # what the model can do: acc_norm (multiple choice) or exact match (generation)
                 for task in tasks:
@@ -429,8 +466,9 @@ def main(argv):
                     name = os.path.splitext(os.path.basename(task[0]))[0]
                     line += f", {name} {results['metric']} {results[results['metric']]:.4f}"
                     figures[f"{name}/{results['metric']}"] = results[results['metric']]
-                print(line)
-                if cfg.wandb_log:
+                if master:
+                    print(line)
+                if cfg.wandb_log and master:
                     wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr,
                                'mfu': running_mfu * 100, **{f'tasks/{k}': v for k, v in figures.items()}})
                 if not math.isfinite(losses['val']):
@@ -444,11 +482,12 @@ def main(argv):
                 best_val_loss = min(best_val_loss, losses['val'])
                 if iter_num > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
                     checkpoint = make_checkpoint(is_best=improved)
-                    print(f"saving checkpoint to {cfg.out_dir}")
-                    if save_checkpoint(checkpoint, ckpt_path):
-                        ckpt_is_best = improved
-                    if improved and cfg.always_save_checkpoint:  # ckpt.pt is the latest; keep the best apart
-                        save_checkpoint(checkpoint, best_path)
+                    if master:
+                        print(f"saving checkpoint to {cfg.out_dir}")
+                        if save_checkpoint(checkpoint, ckpt_path):
+                            ckpt_is_best = improved
+                        if improved and cfg.always_save_checkpoint:  # ckpt.pt is the latest; keep the best apart
+                            save_checkpoint(checkpoint, best_path)
                     checkpoint = None
             if cfg.eval_only or iter_num >= cfg.max_iters:
                 stopped_by = 'max_iters'
@@ -459,7 +498,9 @@ def main(argv):
             torch.manual_seed(int(batch_rng(cfg.seed, 2, iter_num, rank).integers(2 ** 62)))
             step_loss = torch.zeros((), device=device)
             for micro_step in range(accum_steps):
-                if ddp:  # average the gradients across processes only once, at the last micro-step
+                if cfg.fsdp:  # reduce-scatter the gradients only once, at the last micro-step
+                    raw_model.set_requires_gradient_sync(micro_step == accum_steps - 1)
+                elif ddp:  # average the gradients across processes only once, at the last micro-step
                     model.require_backward_grad_sync = (micro_step == accum_steps - 1)
                 with ctx:
                     _, loss = model(x, y)
@@ -481,14 +522,17 @@ def main(argv):
                 flag = torch.tensor(float(stop), device=device)
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
                 stop = flag.item() > 0
+            if master and device_type == 'cuda' and iter_num == first_iter + 3:  # warm: the steady state's peak
+                print(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) / 2 ** 30:,.2f} GiB")
             if stop:
+                checkpoint = make_checkpoint(is_best=False, preempted=True) if master or cfg.fsdp else None
                 if master and not math.isfinite(loss_sum.item()):
                     print(f"stopped by a signal at iteration {iter_num}, not saved: the loss is not finite")
                 elif master:
                     if not cfg.always_save_checkpoint and ckpt_is_best and os.path.exists(ckpt_path):
                         shutil.copyfile(ckpt_path, best_path + '.tmp')  # keep the best model as best.pt
                         os.replace(best_path + '.tmp', best_path)
-                    if save_checkpoint(make_checkpoint(is_best=False, preempted=True), ckpt_path):
+                    if save_checkpoint(checkpoint, ckpt_path):
                         print(f"stopped by a signal at iteration {iter_num}: saved {ckpt_path}; "
                               f"continue with --init_from=resume")
                 stopped_by = 'a signal'
