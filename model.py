@@ -11,7 +11,8 @@ unchanged. What differs from nanoGPT's model.py:
 - grow_vocab() adds token ids (a chat template's special tokens) to a trained model;
 - LoRA: LoRALinear adapters on chosen Linears of a frozen model, merged into the weights for sampling;
 - options from the NanoGPT speedrun (GPTConfig: rope, rmsnorm, qk_norm, relu2, untied head, logit
-  softcap, zero init), all off by default, and Muon for the blocks' matrices in configure_optimizers;
+  softcap, zero init), all off by default, and Muon for the blocks' matrices in configure_optimizers
+  (under FSDP, ShardedMuon: each matrix orthogonalised whole, so sharding doesn't change the result);
 - activation_checkpointing: each Block's activations recomputed in the backward pass instead of kept.
 """
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -371,8 +373,9 @@ class GPT(nn.Module):
         fused = device_type in ('cuda', 'cpu') and 'fused' in inspect.signature(torch.optim.AdamW).parameters
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))]
         if hidden:
-            optimizers.append(torch.optim.Muon([p for n, p in params if n in hidden], lr=muon_lr,
-                                               weight_decay=weight_decay))
+            matrices = [p for n, p in params if n in hidden]
+            muon = ShardedMuon if isinstance(matrices[0], DTensor) else torch.optim.Muon  # FSDP's shards, or whole
+            optimizers.append(muon(matrices, lr=muon_lr, weight_decay=weight_decay))
         return optimizers
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops, seq_len=None):
@@ -415,6 +418,48 @@ class GPT(nn.Module):
         """Return idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, vocab_size))
         return torch.cat([idx] + new, dim=1)
+
+
+class ShardedMuon(torch.optim.Muon):
+    """torch.optim.Muon for FSDP's sharded matrices (DTensors), giving what one process gives: the momentum,
+    weight decay and update stay on this process's shard (they are elementwise), but Newton-Schulz, which
+    mixes whole rows and columns, runs on the whole matrix (gathered), and each process keeps its shard of
+    the result. Orthogonalising the shards' DTensors instead would do sharded matmuls in bfloat16, which
+    round differently. Same hyperparameters and state ('momentum_buffer') as torch's, so checkpoints move
+    between the two. Plain tensors work too (nothing to gather)."""
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, momentum = group['lr'], group['momentum']
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group['nesterov'] else buf
+                sharded = isinstance(update, DTensor)
+                ortho = newton_schulz(update.full_tensor() if sharded else update, group['ns_coefficients'],
+                                      group['ns_steps'], group['eps'])
+                if sharded:  # every process computed the same whole matrix: each keeps its own shard, no copying
+                    ortho = distribute_tensor(ortho, update.device_mesh, update.placements, src_data_rank=None)
+                p.mul_(1 - lr * group['weight_decay'])
+                p.add_(ortho, alpha=-lr * math.sqrt(max(1, p.shape[0] / p.shape[1])))  # torch's 'original'
+
+
+def newton_schulz(G, coefficients, steps, eps):
+    """The orthogonalisation of Muon (Keller Jordan's quintic iteration, in bfloat16), op for op as
+    torch.optim.Muon's, so that ShardedMuon's result is bitwise that of torch.optim.Muon."""
+    a, b, c = coefficients
+    X = G.bfloat16()
+    if G.size(0) > G.size(1):
+        X = X.T
+    X = X / X.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        A = X @ X.T
+        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = torch.addmm(X, B, X, beta=a)  # a X + B X
+    return X.T if G.size(0) > G.size(1) else X
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
