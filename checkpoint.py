@@ -21,10 +21,6 @@ import re
 from dataclasses import asdict, fields
 
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import hub
 from common import die
@@ -84,6 +80,8 @@ def save_checkpoint(checkpoint, path):
 def shard_model(model, device_type, dtype):
     """FSDP2, in place: each Block and then the whole GPT (embeddings, head, final norm) sharded across the
     processes. On CUDA in bfloat16, the Blocks compute in bfloat16 and reduce gradients in float32."""
+    from torch.distributed.device_mesh import init_device_mesh  # (FSDP's imports cost every script ~0.7 s: here)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
     bf16 = device_type == 'cuda' and dtype == 'bfloat16'
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
@@ -94,12 +92,16 @@ def shard_model(model, device_type, dtype):
     return model
 
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU (the others: none)
+def full_state_options():
+    """Whole tensors, on rank 0's CPU (the others get none)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def full_model_state(model):
     """A sharded model's state dict as model.state_dict() would be, on rank 0. Every process must call it."""
-    return get_model_state_dict(model, options=FULL)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(model, options=full_state_options())
 
 
 def param_names(model, optimizer):
@@ -111,7 +113,8 @@ def param_names(model, optimizer):
 def full_optimizer_state(model, optimizer):
     """A sharded optimizer's state as optimizer.state_dict() would be (param ids, not names), on rank 0: so
     that a run without FSDP resumes it. Every process must call it."""
-    state = get_optimizer_state_dict(model, optimizer, options=FULL)
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    state = get_optimizer_state_dict(model, optimizer, options=full_state_options())
     if not state:
         return state
     ids = {name: i for i, name in enumerate(param_names(model, optimizer))}
@@ -126,6 +129,7 @@ def load_optimizer_state(model, optimizer, state):
         raise ValueError("the saved optimizer has other parameters")
     state = {'state': {names[i]: value for i, value in state['state'].items()},
              'param_groups': [{**g, 'params': [names[i] for i in g['params']]} for g in state['param_groups']]}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -374,7 +373,8 @@ class GPT(nn.Module):
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))]
         if hidden:
             matrices = [p for n, p in params if n in hidden]
-            muon = ShardedMuon if isinstance(matrices[0], DTensor) else torch.optim.Muon  # FSDP's shards, or whole
+            sharded = hasattr(matrices[0], 'full_tensor')  # a DTensor (not imported here: it costs any script ~0.7 s)
+            muon = ShardedMuon if sharded else torch.optim.Muon  # FSDP's shards, or whole matrices
             optimizers.append(muon(matrices, lr=muon_lr, weight_decay=weight_decay))
         return optimizers
 
@@ -430,6 +430,7 @@ class ShardedMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self):
+        from torch.distributed.tensor import DTensor, distribute_tensor  # here: importing it costs ~0.7 s
         for group in self.param_groups:
             lr, momentum = group['lr'], group['momentum']
             for p in group['params']:

@@ -203,7 +203,7 @@ def optimizer_step(model, optimizers, scaler, grad_clip, skip_nonfinite=False):
 
 def local(p):
     """This process's part of a parameter: its shard under FSDP, else all of it."""
-    return p.to_local() if isinstance(p, torch.distributed.tensor.DTensor) else p
+    return p.to_local() if hasattr(p, 'to_local') else p  # a DTensor has to_local
 
 
 def optimizer_state_bytes(optimizers):
