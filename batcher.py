@@ -17,7 +17,8 @@ from types import SimpleNamespace
 
 import torch
 
-from model import KVCache, RowCache, sample_next
+from decode import KVCache, RowCache
+from model import sample_next
 from tasks import token_logprobs
 
 PREFILL_CHUNK = 64  # tokens of a prompt read in a step: a long prompt delays the batch's next token by about a step

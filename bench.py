@@ -9,9 +9,11 @@ measured in the same run (absolute times drift on shared machines; ratios don't)
 
 Training: tokens/s and MFU in the chosen dtype, eager and torch.compile'd (unless --compile=False),
 against float32 eager.
-Sampling: tokens/s of one sample from a 1-token prompt, KV cache and weights in dtype, against
-float32 generation that re-runs the whole context for every token (nanoGPT's generate); and the limit
-for batch-1 decoding in dtype: the tokens/s if only the weights' matrix-vector products ran.
+Sampling: tokens/s of one sample from a 1-token prompt, KV cache and weights in dtype (and the Linear kernel
+decode.py measures fastest here), against float32 generation that re-runs the whole context for every token
+(nanoGPT's generate); and against the physical limit of batch-1 decoding: reading every weight once per token
+at the memory bandwidth measured here, the ratio being the fraction reached. --quantize=int8 adds int8 weights;
+with compile, the decode step compiled.
 init_from (as in train.py: gpt2, a Hub repository, a checkpoint) measures that model instead of a new
 one. With a chat dataset (--dataset=NAME, prepared from conversations), training is also measured on its
 conversations, counting real tokens only, next to a token stream. With lora_rank > 0, training is LoRA's
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import decode
 import train
 from common import autocast_context, die, load_config, measure_peak_flops, pick_device, pick_dtype, synchronize
 from checkpoint import load_model, lora_settings
@@ -45,6 +48,8 @@ DEFAULTS = {
     'warmup_steps': 3,  # untimed steps first (compilation, allocator warm-up)
     'sample_tokens': 256,  # new tokens per sampling measurement (0 skips sampling)
     'baseline': True,  # also measure the float32 / full-recompute baselines
+    'quantize': '',  # 'int8': sampling with int8 weights too (sample.py --quantize=int8)
+    'profile': False,  # print the PyTorch profiler's top entries for each KV-cache sample (run again, after timing it)
     'serve_clients': '',  # e.g. '1,4,16': a server's aggregate tokens/s with that many clients at once (CPU)
 }
 
@@ -95,9 +100,13 @@ def train_speed(cfg, model, device, dtype, use_compile, lora_rank=0, data=None):
     return tokens / cfg.train_steps / dt, mfu, trainable, state_bytes
 
 
-def sample_speed(cfg, model, device, dtype, use_cache):
-    """tokens/s of one sample of sample_tokens new tokens after a 1-token prompt."""
+def sample_speed(cfg, model, device, dtype, use_cache, quantize='', compile=False, prepare=True):
+    """tokens/s of one sample of sample_tokens new tokens after a 1-token prompt. With the KV cache the model is
+    decode.prepare()'d as sample.py does it (int8 weights if quantize, the kernels measured fastest here) unless
+    prepare=False; without it, it is plain nanoGPT generation. -> (tokens/s, the bytes each token reads)"""
     model = model.to(device).eval().to(getattr(torch, dtype))
+    if use_cache and prepare:
+        decode.prepare(model, quantize, compile, log=print)
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
     list(model.generate_stream(prompt, 4, use_cache=use_cache))  # warm up
     synchronize(device)
@@ -105,22 +114,36 @@ def sample_speed(cfg, model, device, dtype, use_cache):
     for _ in model.generate_stream(prompt, cfg.sample_tokens, use_cache=use_cache):
         pass
     synchronize(device)
-    return cfg.sample_tokens / (time.perf_counter() - t0)
+    tok_s = cfg.sample_tokens / (time.perf_counter() - t0)
+    if cfg.profile and use_cache:  # where a token's time goes (a run of its own: the profiler slows what it watches)
+        with torch.profiler.profile() as profiler:
+            for _ in model.generate_stream(prompt, cfg.sample_tokens):
+                pass
+        print(f"{dtype}{' ' + quantize if quantize else ''}, {cfg.sample_tokens} tokens:\n" +
+              profiler.key_averages().table(sort_by='self_cpu_time_total', row_limit=8))
+    return tok_s, bytes_per_token(model)
 
 
-def matvec_speed(model, device, dtype, repeats=10):
-    """Tokens/s if batch-1 decoding were only its matrix-vector products, each Linear's weight (the head's
-    included) times one vector in dtype: the limit that streaming the weights through sets."""
-    weights = [m.weight.detach().to(device, getattr(torch, dtype)) for m in model.modules() if isinstance(m, nn.Linear)]
-    x = torch.randn(max(w.size(1) for w in weights), device=device, dtype=getattr(torch, dtype))
-    for step in range(repeats + 1):
-        if step == 1:  # the first pass warms up
-            synchronize(device)
-            t0 = time.perf_counter()
-        for w in weights:
-            torch.mv(w, x[:w.size(1)])
-    synchronize(device)
-    return repeats / (time.perf_counter() - t0)
+def bytes_per_token(model):
+    """The bytes batch-1 decoding reads per token: every weight once, except the embedding tables, of which it
+    reads one row (a tied head is counted, as the head)."""
+    tensors = {id(t): t for m in model.modules() if not isinstance(m, (nn.Embedding, GPT))
+               for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def read_bandwidth(nbytes, device, repeats=10):
+    """Bytes/s at which this machine reads nbytes from memory: the best of repeats sums over a float32 buffer of that
+    size (float32: the fastest reduction measured; bfloat16's sum read ~0.6x as fast on an AMD EPYC)."""
+    buffer = torch.randn(max(1, nbytes // 4), device=device)
+    best = float('inf')
+    for _ in range(repeats + 1):  # the first pass warms up
+        synchronize(device)
+        t0 = time.perf_counter()
+        buffer.sum()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return buffer.numel() * 4 / best
 
 
 def serve_speed(cfg, model, dtype, clients):
@@ -194,6 +217,7 @@ def serve_speed(cfg, model, dtype, clients):
 def main(argv):
     cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
     train.check_config(cfg)
+    decode.check_quantize(cfg.quantize)
     device = pick_device(cfg.device)
     device_type = device.split(':')[0]
     dtype = pick_dtype(cfg.dtype, device_type)
@@ -243,13 +267,31 @@ def main(argv):
                          f"{dtype} eager, a token stream", stream, f"{dtype} eager, whole conversations",
                          train_speed(cfg, new_model(), device, dtype, False, data=conversations)[0]))
     if cfg.sample_tokens > 0:
-        tok_s = sample_speed(cfg, new_model(), device, dtype, use_cache=True)
-        base_tok_s = sample_speed(cfg, new_model(), device, 'float32', use_cache=False) if cfg.baseline else None
+        tok_s, nbytes = sample_speed(cfg, new_model(), device, dtype, use_cache=True)
+        base_tok_s = sample_speed(cfg, new_model(), device, 'float32', use_cache=False)[0] if cfg.baseline else None
         rows.append((f"sample tokens/s (batch 1, {cfg.sample_tokens} new)", 'float32 full recompute', base_tok_s,
                      f"{dtype} KV cache", tok_s))
-        # the ratio here is how far above what sampling reaches the limit lies
-        rows.append(("sample tokens/s if only the matrix-vector products ran", f"{dtype} KV cache", tok_s,
-                     f"{dtype} weights", matvec_speed(new_model(), device, dtype)))
+        plain = sample_speed(cfg, new_model(), device, dtype, use_cache=True, prepare=False)[0]
+        rows.append((f"sample tokens/s (batch 1, {cfg.sample_tokens} new)",
+                     f"{dtype} KV cache, PyTorch's defaults (F.linear, attention in {dtype})", plain,
+                     f"{dtype} KV cache, decode.py's measured choices", tok_s))
+        # the physical limit of batch-1 decoding: reading every weight once per token; the ratio is the fraction reached
+        bandwidth = read_bandwidth(nbytes, device)
+        print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (a float32 sum over {nbytes / 1e6:.3g} MB)")
+        limit = f"limit: {nbytes / 1e6:.3g} MB read at {bandwidth / 1e9:.1f} GB/s"
+        rows.append(("sample tokens/s against reading every weight once per token", limit, bandwidth / nbytes,
+                     f"{dtype} KV cache", tok_s))
+        if cfg.quantize:
+            q_tok_s, q_bytes = sample_speed(cfg, new_model(), device, dtype, use_cache=True, quantize=cfg.quantize)
+            rows.append((f"sample tokens/s (batch 1, {cfg.sample_tokens} new)", f"{dtype} KV cache", tok_s,
+                         f"{cfg.quantize} weights, KV cache", q_tok_s))
+            rows.append(("sample tokens/s against reading every weight once per token",
+                         f"limit: {q_bytes / 1e6:.3g} MB read at {bandwidth / 1e9:.1f} GB/s", bandwidth / q_bytes,
+                         f"{cfg.quantize} weights, KV cache", q_tok_s))
+        if use_compile:  # the decode step compiled (inductor's own kernels) against eager with the measured kernel
+            rows.append((f"sample tokens/s (batch 1, {cfg.sample_tokens} new)", f"{dtype} KV cache", tok_s,
+                         f"{dtype} KV cache, compiled", sample_speed(cfg, new_model(), device, dtype, True,
+                                                                     compile=True)[0]))
 
     if cfg.serve_clients:
         clients = [int(n) for n in cfg.serve_clients.split(',')]
@@ -265,7 +307,7 @@ def main(argv):
     print("|---|---|---|---|---|---|")
     for what, base_name, base, ours_name, ours in rows:
         is_mfu = 'MFU' in what
-        ratio = f"{ours / base:.2f}x" if base and not is_mfu else '-'  # MFUs have different peaks
+        ratio = f"{ours / base:.2{'f' if ours >= 0.1 * base else 'g'}}x" if base and not is_mfu else '-'  # MFUs: other peaks
         print(f"| {what} | {base_name} | {fmt(base, is_mfu)} | {ours_name} | {fmt(ours, is_mfu)} | {ratio} |")
     if cfg.serve_clients:
         print("\n| clients | time to first token, median | p95 | time between tokens, median | p95 |\n|---|---|---|---|---|")

@@ -41,6 +41,7 @@ import torch
 from common import autocast_context, check_ranges, config_defaults, die, load_config, pick_device, pick_dtype
 from checkpoint import fit_vocabulary, load_model
 from model import merge_lora
+from decode import check_quantize, quantize_int8
 from dataset import Conversations, checkpoint_meta, load_meta, open_split
 from tasks import read_task, run_task
 from tokenizer import Tokenizer
@@ -58,6 +59,7 @@ batch_size = 1  # windows per forward pass: each one's logits are block_size x v
 max_tokens = 0  # score only the first max_tokens tokens (0: all of them), for a quicker estimate
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'float32'  # float32, unlike training: the figures should not depend on the hardware's bfloat16
+quantize = ''  # 'int8': score the model with int8 weights, as sample.py --quantize=int8 generates with them
 # chat datasets
 conversations = 0  # score only the first N conversations of the split (0: all)
 stop_rate = True  # also reply to each conversation's last user turn and count the replies that end themselves
@@ -205,10 +207,13 @@ def main(argv):
     check_ranges(vars(cfg), RANGES)
     if cfg.output and not cfg.task:
         die("--output writes a task's figures and each record's scores: pass --task=FILE.jsonl too")
+    check_quantize(cfg.quantize)
     device = pick_device(cfg.device)
     ctx = autocast_context(device.split(':')[0], pick_dtype(cfg.dtype, device.split(':')[0]))
     model, checkpoint = load_model(cfg.init_from, cfg.out_dir, device)
     merge_lora(model)
+    if cfg.quantize == 'int8':
+        quantize_int8(model)
     block_size = cfg.block_size or model.config.block_size
     stride = cfg.stride or block_size
     if not 0 < block_size <= model.config.block_size or not 0 < stride <= block_size:

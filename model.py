@@ -3,8 +3,8 @@ The GPT-2 language model, in one file you can read top to bottom.
 
 Architecture and parameter names are GPT-2's, as in nanoGPT, so nanoGPT checkpoints load
 unchanged. What differs from nanoGPT's model.py:
-- generate() keeps a preallocated KV cache, so each new token costs one position of compute
-  instead of a forward pass over the whole context;
+- generate() keeps a preallocated KV cache (decode.py), so each new token costs one position of compute
+  instead of a forward pass over the whole context; decode.prepare() picks the Linear kernel measured fastest;
 - sampling takes top_k (exactly k tokens kept), top_p, and temperature 0 for greedy decoding;
 - weight decay skips embeddings as well as biases and norms;
 - estimate_mfu() takes the peak FLOP/s of your hardware instead of assuming an A100;
@@ -25,112 +25,18 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-
-class KVCache:
-    """Keys and values of every layer for the positions seen so far, allocated once per generate(). Every row
-    is at the same position (RowCache, below, holds rows at their own)."""
-
-    def __init__(self, n_layer, max_len):
-        self.max_len = max_len
-        self.k = [None] * n_layer  # per layer: (B, nh, max_len, hs), allocated at first use
-        self.v = [None] * n_layer
-        self.pos = 0  # how many positions the cache holds
-
-    def positions(self, T, device):
-        """The positions of T new tokens: (T,)."""
-        self.end = self.pos + T
-        return torch.arange(self.pos, self.end, device=device)
-
-    def update(self, layer, k, v):
-        """Store k, v (B, nh, T, hs) at the next positions -> (keys and values of every position so far, the
-        attention mask, is_causal): the new queries see all cached positions, and their own causally."""
-        if self.k[layer] is None:
-            B, nh, _, hs = k.shape
-            self.k[layer] = k.new_empty(B, nh, self.max_len, hs)  # only written positions are read
-            self.v[layer] = v.new_empty(B, nh, self.max_len, hs)
-        T = k.size(2)
-        end = self.pos + T
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        mask = torch.ones(T, end, dtype=torch.bool, device=k.device).tril(diagonal=self.pos) \
-            if self.pos > 0 and T > 1 else None
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask, self.pos == 0
-
-    def advance(self, T):
-        self.pos += T
-
-    def repeat(self, n):
-        """One cached row (a prompt) continued n ways: each layer's keys and values copied to n rows."""
-        self.k = [k.expand(n, -1, -1, -1).contiguous() for k in self.k]
-        self.v = [v.expand(n, -1, -1, -1).contiguous() for v in self.v]
-
-
-class RowCache:
-    """A server's keys and values: up to `rows` sequences decoded together, each at its own length (continuous
-    batching). Rows [0, n) are in use; a sequence joins with its prompt's KVCache (load) and leaves by giving its
-    row to the last one (move), so a step always runs on rows [0, n)."""
-
-    def __init__(self, n_layer, rows, max_len):
-        self.rows, self.max_len, self.n = rows, max_len, 0
-        self.k = [None] * n_layer  # per layer: (rows, nh, max_len, hs), allocated at the first load
-        self.v = [None] * n_layer
-        self.lengths = [0] * rows  # positions each row holds
-
-    def load(self, row, cache, length, src=0):
-        """Put the first `length` positions of row `src` of a KVCache into row `row`."""
-        for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
-            if self.k[layer] is None:  # zeros: the unused positions are masked, and 0 * a finite value is 0
-                self.k[layer] = k.new_zeros(self.rows, k.size(1), self.max_len, k.size(3))
-                self.v[layer] = v.new_zeros(self.rows, v.size(1), self.max_len, v.size(3))
-            self.k[layer][row, :, :length] = k[src, :, :length]
-            self.v[layer][row, :, :length] = v[src, :, :length]
-        self.lengths[row] = length
-
-    def move(self, src, dst):
-        length = self.lengths[dst] = self.lengths[src]
-        for k, v in zip(self.k, self.v):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
-
-    def positions(self, T, device):
-        """The positions of T new tokens in each row in use: (n, T). Also the mask this step's layers share:
-        a row's query at position p sees that row's positions up to p."""
-        lengths = self.lengths[:self.n]
-        self.pos = torch.tensor(lengths, device=device)[:, None] + torch.arange(T, device=device)
-        self.end = max(lengths) + T
-        self.mask = None if T == 1 and min(lengths) == max(lengths) else \
-            (torch.arange(self.end, device=device) <= self.pos[:, :, None])[:, None]  # (n, 1, T, end); None: all seen
-        return self.pos
-
-    def update(self, layer, k, v):
-        """Store k, v (n, nh, T, hs) at each row's next positions -> (keys, values, mask, is_causal)."""
-        if self.n == 1:  # one row (one client): a slice, as KVCache writes
-            start = self.lengths[0]
-            self.k[layer][0, :, start:start + k.size(2)] = k[0]
-            self.v[layer][0, :, start:start + v.size(2)] = v[0]
-        else:
-            rows = torch.arange(self.n, device=k.device)[:, None]
-            self.k[layer][rows, :, self.pos] = k.transpose(1, 2)  # indexed (row, position): (n, T, nh, hs)
-            self.v[layer][rows, :, self.pos] = v.transpose(1, 2)
-        return self.k[layer][:self.n, :, :self.end], self.v[layer][:self.n, :, :self.end], self.mask, False
-
-    def advance(self, T):
-        for row in range(self.n):
-            self.lengths[row] += T
+from decode import KVCache
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and names), except that a single row on CPU, as in batch-1 decoding,
-    goes through torch.mv: on a Xeon with AMX it streamed bfloat16 weights ~1.4x faster than addmm (on one
-    without, where dtype auto is float32, the two are equal in float32)."""
+    """nn.Linear (same parameters and names), whose kernel for generation decode.prepare() may choose: the one
+    measured fastest on this machine for reading the weights, used when no gradient is needed."""
+    kernel = None  # a function (layer, x) -> y; None: F.linear
 
     def forward(self, x):
-        # under autocast, x may be bfloat16 and the weight float32: autocast casts for F.linear, not for torch.mv
-        if x.numel() != self.in_features or x.device.type != 'cpu' or x.dtype != self.weight.dtype:
-            return F.linear(x, self.weight, self.bias)
-        y = torch.mv(self.weight, x.reshape(-1))
-        y = y if self.bias is None else y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        if self.kernel is None or torch.is_grad_enabled() or x.dtype != self.weight.dtype:
+            return F.linear(x, self.weight, self.bias)  # (under autocast, x may be bfloat16 and the weight float32)
+        return self.kernel(self, x)
 
 
 class LoRALinear(Linear):
@@ -164,6 +70,7 @@ def apply_rope(x, cos, sin):
 
 
 class CausalSelfAttention(nn.Module):
+    cache_dtype = None  # the dtype of the KV cache and of attention over it, if decode.prepare() measured one faster
 
     def __init__(self, config):
         super().__init__()
@@ -178,7 +85,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache=None, layer=0, rope=None):
         B, T, C = x.size()  # batch, sequence length, n_embd
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        qkv = self.c_attn(x)
+        if cache is not None and self.cache_dtype is not None:  # (float32 on a CPU whose bfloat16 attention is slower)
+            qkv = qkv.to(self.cache_dtype)
+        q, k, v = qkv.split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -192,7 +102,7 @@ class CausalSelfAttention(nn.Module):
             k, v, mask, is_causal = cache.update(layer, k, v)  # (B, nh, positions so far, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        y = y.to(x.dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -325,7 +235,7 @@ class GPT(nn.Module):
             logits = self.softcap(self.lm_head(x))  # (B, T, vocab_size)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:
-            logits = self.softcap(self.lm_head(x[:, [-1], :]))  # (B, 1, vocab_size): only the last position
+            logits = self.softcap(self.lm_head(x[:, -1:, :]))  # (B, 1, vocab_size): only the last position (a view)
             loss = None
         return logits, loss
 

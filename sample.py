@@ -28,6 +28,7 @@ import torch
 from common import check_ranges, config_defaults, die, load_config, pick_device, pick_dtype
 from checkpoint import load_model
 from model import merge_lora
+from decode import check_quantize, prepare
 from dataset import checkpoint_meta
 from batcher import complete
 from serve import run_server
@@ -46,7 +47,8 @@ top_p = 1.0  # sample among the likeliest tokens that make up this much probabil
 seed = 1337
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # the weights' dtype: 'auto' (bfloat16 where it is faster, else float32), ...
-compile = False  # torch.compile the model's forward pass (pays off for long generations)
+compile = False  # torch.compile the model's forward pass (inductor's kernels, not the one measured fastest here)
+quantize = ''  # 'int8': the Linears' weights in int8, one scale per row (half of bfloat16's bytes to read per token)
 chat = False  # talk with the model (fine-tuned on conversations) in the terminal
 system = ''  # --chat: a system message that starts the conversation
 serve = False  # serve the model over HTTP (OpenAI's API and a chat page) instead of printing samples
@@ -130,6 +132,7 @@ def chat_loop(cfg, model, tokenizer, device):
 def main(argv):
     cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
     check_ranges(vars(cfg), RANGES)
+    check_quantize(cfg.quantize)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device.split(':')[0])
     torch.manual_seed(cfg.seed)
@@ -137,8 +140,7 @@ def main(argv):
     model, tokenizer = load_model_and_tokenizer(cfg, device)
     # inference needs no float32 master weights: weights in dtype halve the memory read per token
     model.eval().to(getattr(torch, dtype))
-    if cfg.compile:
-        model.forward = torch.compile(model.forward, dynamic=True)
+    prepare(model, cfg.quantize, cfg.compile)  # int8 weights if asked; the Linear kernel measured fastest here
     if cfg.serve:
         return run_server(cfg, model, tokenizer, device)
     if cfg.chat:

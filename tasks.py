@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from common import die
-from model import KVCache
+from decode import KVCache
 
 
 def read_task(path):

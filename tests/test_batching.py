@@ -11,7 +11,8 @@ import pytest
 import requests
 import torch
 
-from model import GPT, GPTConfig, KVCache, RowCache
+from decode import KVCache, RowCache
+from model import GPT, GPTConfig
 from test_serve import ckpt, greedy, start_server  # noqa: F401 (ckpt: a fixture, the tiny model)
 
 

@@ -9,20 +9,31 @@ from conftest import SHAKESPEARE, gpt2_bpe_available, run
 def test_bench_quick_mode_prints_its_table(tmp_path):
     out = run('bench.py', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
               '--gradient_accumulation_steps=2', '--vocab_size=65', '--train_steps=2', '--warmup_steps=1',
-              '--sample_tokens=40', '--device=cpu', '--compile=False', cwd=tmp_path).stdout
+              '--sample_tokens=40', '--device=cpu', '--compile=False', '--dtype=float32', '--quantize=int8',
+              cwd=tmp_path).stdout
     rows = [line for line in out.splitlines() if line.startswith('| ') and not line.startswith('| measure |')]
     names = [r.split(' | ')[0] for r in rows]
     assert names[0] == '| train tokens/s (batch 4x2)' and names[1].startswith('| train MFU')
-    assert names[2] == '| sample tokens/s (batch 1, 40 new)' and len(rows) == 4
-    assert names[3] == '| sample tokens/s if only the matrix-vector products ran'
+    assert names[2] == names[3] == '| sample tokens/s (batch 1, 40 new)' and len(rows) == 7
+    assert "| float32 KV cache, PyTorch's defaults (F.linear, attention in float32) |" in rows[3]
+    rows.pop(3)
+    assert names[4] == names[6] == '| sample tokens/s against reading every weight once per token'
+    assert names[5] == '| sample tokens/s (batch 1, 40 new)' and '| int8 weights, KV cache |' in rows[4]
     values = []
     for row in rows:
         cells = [c.strip() for c in row.strip('|').split('|')]
         assert float(cells[2].rstrip('%').replace(',', '')) > 0
         values.append(float(cells[4].rstrip('%').replace(',', '')))
-    assert all(v > 0 for v in values) and values[3] > values[2]  # the limit is above what decoding reaches
+    assert all(v > 0 for v in values) and values[3] == values[2] and values[5] == values[4]  # against the limit
+    # the limit: every weight read once per token, counted by hand (train.py's default bias=False): each block's
+    # 4 matrices and 2 norm weights, the final norm, the head (65 x 32, tied to the embedding)
+    matrices = 2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32) + 65 * 32
+    norms, rows_of_matrices = 2 * 2 * 32 + 32, 2 * (96 + 32 + 128 + 32) + 65
+    assert f'limit: {(matrices + norms) * 4 / 1e6:.3g} MB read at ' in rows[3]  # float32
+    assert f'limit: {(matrices + 2 * rows_of_matrices + 4 * norms) / 1e6:.3g} MB read at ' in rows[5]  # int8, bf16 scales
+    assert re.search(r'decode kernel: \w+, the fastest here for one row in float32', out)
     ratios = re.findall(r'\| ([\d.]+)x \|', out)
-    assert len(ratios) == 3 and all(float(r) > 0 for r in ratios)
+    assert len(ratios) == 6 and all(float(r) > 0 for r in ratios)
 
 
 @pytest.mark.skipif(not (gpt2_bpe_available() and os.path.exists(SHAKESPEARE)), reason="needs the BPE files and tiny shakespeare")

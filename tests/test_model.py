@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from model import GPT, GPTConfig, KVCache, Linear, sample_next
+from decode import KVCache
+from model import GPT, GPTConfig, sample_next
 
 
 def tiny_config(**overrides):
@@ -128,22 +129,6 @@ def test_bad_checkpoint_files_give_one_line_errors(tmp_path):
     torch.save({'weights': torch.zeros(2)}, tmp_path / 'other.pt')
     with pytest.raises(SystemExit, match="no 'model'"):
         load_checkpoint(str(tmp_path / 'other.pt'))
-
-
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('bias', [True, False])
-def test_single_row_linear_matches_nn_linear(dtype, bias):
-    torch.manual_seed(0)
-    layer = Linear(48, 80, bias=bias).to(dtype)
-    reference = torch.nn.Linear(48, 80, bias=bias)  # PyTorch's own, in float32, with the same weights
-    reference.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
-    for shape in [(1, 1, 48), (1, 48), (48,)]:  # one row: the torch.mv path
-        x = torch.randn(shape, dtype=dtype)
-        assert layer(x).shape == shape[:-1] + (80,) and layer(x).dtype == dtype
-        torch.testing.assert_close(layer(x).float(), reference(x.float()), **({} if dtype == torch.float32 else
-                                                                              dict(atol=2e-2, rtol=2e-2)))
-    x = torch.randn(3, 2, 48, dtype=dtype)
-    assert torch.equal(layer(x), reference.to(dtype)(x))
 
 
 def test_kv_cache_forward_equals_full_forward():
