@@ -124,10 +124,12 @@ def start_ranks(cwd, *args, n=2):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(n)]
 
 
-def test_sigterm_under_ddp_stops_every_rank_with_exit_code_0(prepared):
+@pytest.mark.parametrize('sharding', [[], ['--fsdp=True']], ids=['ddp', 'fsdp'])
+def test_sigterm_under_torchrun_stops_every_rank_with_exit_code_0(prepared, sharding):
     cwd = prepared
     # dtype auto: rank 0 measures, and passes its answer to rank 1
-    ranks = start_ranks(cwd, *ARGS, '--eval_interval=1000', '--max_iters=100000', '--gradient_accumulation_steps=2')
+    ranks = start_ranks(cwd, *ARGS, *sharding, '--eval_interval=1000', '--max_iters=100000',
+                        '--gradient_accumulation_steps=2')
     wait_for(ranks[0], 'iter 3:')
     for proc in ranks:  # as torchrun (or a cluster's scheduler) passes it on to every rank
         proc.send_signal(signal.SIGTERM)
