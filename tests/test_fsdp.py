@@ -9,7 +9,8 @@ import torch
 
 from conftest import ROOT, gpt2_bpe_available, run
 from model import GPT, GPTConfig, ShardedMuon
-from test_pretrained import hub, publish, tiny_gpt2  # noqa: F401 (fixture)
+from test_lora import hub_model_and_data  # noqa: F401 (fixture)
+from test_pretrained import hub  # noqa: F401 (fixture)
 from test_train import TINY, prepared  # noqa: F401 (fixture)
 
 ARGS = ['--dataset=tiny_char', '--eval_interval=10', '--log_interval=5', '--dtype=float32',
@@ -104,16 +105,9 @@ def test_fsdp_without_torchrun_is_a_one_line_error(prepared):
 
 @pytest.mark.slow  # two runs, about 11 s
 @pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
-def test_fsdp_lora_on_a_hub_model_trains_the_adapters_as_one_process(hub, tmp_path, small_text):  # noqa: F811
-    root, _ = hub
-    source = tiny_gpt2()
-    publish(root, 'test/tiny-gpt2', source)
-    (tmp_path / 'input.txt').write_text(small_text, encoding='utf-8')
-    run('prepare.py', 'tiny', '--input=input.txt', cwd=tmp_path)
-    args = ['--dataset=tiny', '--init_from=test/tiny-gpt2', '--block_size=16', '--batch_size=4', '--eval_iters=2',
-            '--eval_interval=5', '--log_interval=5', '--learning_rate=3e-2', '--warmup_iters=0', '--decay_lr=False',
-            '--gradient_accumulation_steps=2', '--dtype=float32', '--device=cpu', '--max_iters=5',
-            '--lora_rank=4', '--lora_alpha=8']
+def test_fsdp_lora_on_a_hub_model_trains_the_adapters_as_one_process(hub_model_and_data, tmp_path):
+    _, args = hub_model_and_data
+    args = [*args, '--gradient_accumulation_steps=2', '--max_iters=5', '--lora_rank=4', '--lora_alpha=8']
     run('train.py', *args, '--out_dir=single', cwd=tmp_path)
     torchrun(tmp_path, *args, '--out_dir=fsdp')
     expected, got = weights(tmp_path, 'single'), weights(tmp_path, 'fsdp')

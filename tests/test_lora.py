@@ -94,17 +94,25 @@ def test_bad_fine_tuning_settings_are_one_line_errors(prepared, hub, args, messa
     assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
-def test_lora_fine_tuning_of_a_hub_model(hub, tmp_path, small_text, monkeypatch):  # noqa: F811
+@pytest.fixture
+def hub_model_and_data(hub, tmp_path, small_text):  # noqa: F811
+    """A tiny GPT-2 on the test Hub (test/tiny-gpt2), and a dataset 'tiny' in its tokenizer in tmp_path -> (that
+    model, train.py's arguments that fine-tune it on the dataset)."""
     root, _ = hub
     source = tiny_gpt2()
     publish(root, 'test/tiny-gpt2', source)
     (tmp_path / 'input.txt').write_text(small_text, encoding='utf-8')
     run('prepare.py', 'tiny', '--input=input.txt', cwd=tmp_path)
     # small batches: the logits of GPT-2's vocabulary are most of the work
-    args = ['--dataset=tiny', '--init_from=test/tiny-gpt2', '--block_size=16', '--batch_size=4', '--eval_iters=2',
-            '--eval_interval=5', '--log_interval=5', '--learning_rate=3e-2', '--warmup_iters=0', '--decay_lr=False',
-            '--gradient_accumulation_steps=1', '--dtype=float32', '--device=cpu']
+    return source, ['--dataset=tiny', '--init_from=test/tiny-gpt2', '--block_size=16', '--batch_size=4',
+                    '--eval_iters=2', '--eval_interval=5', '--log_interval=5', '--learning_rate=3e-2',
+                    '--warmup_iters=0', '--decay_lr=False', '--dtype=float32', '--device=cpu']
+
+
+@pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
+def test_lora_fine_tuning_of_a_hub_model(hub_model_and_data, tmp_path, monkeypatch):
+    source, args = hub_model_and_data
+    args = [*args, '--gradient_accumulation_steps=1']
     lora_args = [*args, '--lora_rank=4', '--lora_alpha=8']
     out = run('train.py', *lora_args, '--out_dir=lora', '--max_iters=10', cwd=tmp_path).stdout
     # 2 blocks x rank 4 x (c_attn 16+48, c_proj 16+16, c_fc 16+64, c_proj 64+16); in full, wpe cropped to 16
