@@ -4,7 +4,8 @@ The GPT-2 language model, in one file you can read top to bottom.
 Architecture and parameter names are GPT-2's, as in nanoGPT, so nanoGPT checkpoints load
 unchanged. What differs from nanoGPT's model.py:
 - generate() keeps a preallocated KV cache (decode.py), so each new token costs one position of compute
-  instead of a forward pass over the whole context; decode.prepare() picks the Linear kernel measured fastest;
+  instead of a forward pass over the whole context; decode.prepare() picks the Linear kernel and the
+  attention dtype measured fastest on this machine;
 - sampling takes top_k (exactly k tokens kept), top_p, and temperature 0 for greedy decoding;
 - weight decay skips embeddings as well as biases and norms;
 - estimate_mfu() takes the peak FLOP/s of your hardware instead of assuming an A100;
