@@ -25,6 +25,7 @@ import torch
 
 import bench
 import train
+from checkpoint import model_config
 from common import config_defaults, die, load_config, pick_device, pick_dtype
 from model import GPT
 from plot import plot_runs
@@ -68,7 +69,7 @@ def train_for(config, seconds, out_dir):
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device.split(':')[0])
     torch.manual_seed(cfg.seed)
-    model = GPT(train.model_config(cfg, bench.vocab_size_of(cfg)))
+    model = GPT(model_config(cfg, bench.vocab_size_of(cfg)))
     tokens_per_s = bench.train_speed(cfg, model, device, dtype, use_compile=False)[0]
     steps = max(10, int(seconds * tokens_per_s / (cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size)))
     scale = steps / config['max_iters']  # the config's schedule, shrunk or stretched to `steps`

@@ -37,7 +37,7 @@ from torch import nn
 import decode
 import train
 from common import autocast_context, die, load_config, measure_peak_flops, pick_device, pick_dtype, synchronize
-from checkpoint import load_model, lora_settings
+from checkpoint import load_model, lora_settings, model_config
 from model import GPT, add_lora, merge_lora
 from dataset import GPT2_META, load_meta, open_split
 
@@ -224,19 +224,18 @@ def main(argv):
     use_compile = cfg.compile if cfg.compile is not None else device_type == 'cuda'
     if cfg.init_from == 'scratch':
         base = None
-        model_config = train.model_config(cfg, vocab_size_of(cfg))
+        config = model_config(cfg, vocab_size_of(cfg))
     else:  # init_from's model, its context cropped to block_size
         base = merge_lora(load_model(cfg.init_from, cfg.out_dir, dropout=cfg.dropout)[0])
         base.crop_block_size(min(cfg.block_size, base.config.block_size))
-        cfg.block_size, model_config = base.config.block_size, base.config
+        cfg.block_size, config = base.config.block_size, base.config
 
     def new_model():  # the same weights for every measurement
         torch.manual_seed(cfg.seed)
-        return GPT(model_config) if base is None else copy.deepcopy(base)
-    c = model_config
+        return GPT(config) if base is None else copy.deepcopy(base)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; model "
-          f"{c.n_layer}x{c.n_embd} ({c.n_head} heads), block {c.block_size}, vocab {c.vocab_size}, "
-          f"{(base if base is not None else GPT(model_config)).get_num_params() / 1e6:.1f}M parameters")
+          f"{config.n_layer}x{config.n_embd} ({config.n_head} heads), block {config.block_size}, "
+          f"vocab {config.vocab_size}, {(base or GPT(config)).get_num_params() / 1e6:.1f}M parameters")
     fast_name = f"{dtype}{' compiled' if use_compile else ''}"
     rows = []  # (measure, baseline name, baseline value, ours name, ours value)
     if cfg.train_steps > 0:

@@ -5,6 +5,7 @@ never loses the last one.
 
     model, checkpoint = load_model(init_from, out_dir)   # 'resume', a checkpoint file or out_dir, or a Hub repo
     save_checkpoint(checkpoint, path)                      # atomic: the old file or the new one
+    model, checkpoint, meta, source = model_to_train(cfg, meta, device, master)  # train.py's: new, resumed, fine-tuned
     check_resume(cfg, checkpoint, master)                  # a resumed run keeps the model's shape (and LoRA's)
     shard_model(model, device_type, dtype)                 # FSDP2: each Block and the whole GPT sharded
     full_model_state(model), full_optimizer_state(model, optimizer)  # gathered on rank 0, as a plain run saves them
@@ -58,6 +59,60 @@ def lora_settings(cfg, base=None):
     """The LoRA keys as a LoRA checkpoint stores them, with the model the adapters belong to."""
     return {'rank': cfg.lora_rank, 'alpha': cfg.lora_alpha, 'dropout': cfg.lora_dropout,
             'targets': [t.strip() for t in cfg.lora_targets.split(',') if t.strip()], 'base': base}
+
+
+def model_config(cfg, vocab_size):
+    """The GPTConfig that a training run's keys describe."""
+    return GPTConfig(**{key: getattr(cfg, key) for key in MODEL_KEYS + ('dropout',)}, vocab_size=vocab_size)
+
+
+def model_to_train(cfg, meta, device, master):
+    """The model a training run starts from -> (model, checkpoint, meta, source): a new one of cfg's shape; the one
+    in out_dir to resume (checkpoint: its dict); or another's weights to fine-tune (init_from: a Hub model, a
+    checkpoint), at iteration 0 with a fresh optimizer (checkpoint None). A model that brings its own shape sets
+    cfg's; meta (the data's tokenizer) may gain the checkpoint's; source is where the weights first came from (a
+    LoRA checkpoint's base), kept across resumes."""
+    resume = cfg.init_from == 'resume'
+    if cfg.init_from == 'scratch':
+        # GPT-2's 50257 tokens padded to 50304, a multiple of 64, makes the head's matmul faster
+        model, checkpoint, source = GPT(model_config(cfg, padded_vocab_size(meta['vocab_size']))), None, 'scratch'
+    else:
+        model, checkpoint = load_model(cfg.init_from, cfg.out_dir, device, cfg.dropout, cfg.lora_dropout)
+        # a path made absolute, so that it still holds from another directory
+        if resume:
+            source = checkpoint.get('init_from', 'scratch')
+        else:
+            source = os.path.abspath(cfg.init_from) if os.path.exists(cfg.init_from) else cfg.init_from
+        if source != 'scratch':  # the model brought its own shape: the saved config says which
+            for key in MODEL_KEYS:
+                if key != 'block_size':
+                    setattr(cfg, key, getattr(model.config, key))
+        if not resume:  # fine-tuning: these weights, at iteration 0, with a fresh optimizer
+            merge_lora(model)
+            if cfg.block_size > model.config.block_size:
+                die(f"{cfg.init_from} has a context of {model.config.block_size} tokens: "
+                    f"use --block_size={model.config.block_size} or less")
+            model.crop_block_size(cfg.block_size)
+        rows = model.config.vocab_size
+        # fine-tuning data may bring special tokens the model lacks (a chat template's): it grows rows for them
+        meta = fit_vocabulary(model, checkpoint, meta, cfg.dataset, 'the checkpoint' if resume else cfg.init_from,
+                              grow=not resume)
+        if model.config.vocab_size > rows and cfg.lora_rank > 0:
+            die(f"dataset '{cfg.dataset}' adds special tokens (a chat template's) that {cfg.init_from} lacks: with "
+                "LoRA their rows would stay frozen, alike, and the model could not tell them apart; fine-tune fully "
+                "(lora_rank=0), or start from a model whose tokenizer has them (a BPE trained by prepare.py)")
+        if model.config.vocab_size > rows and master:
+            print(f"vocabulary grown to {model.config.vocab_size:,} rows for the dataset's special tokens")
+        if resume:
+            check_resume(cfg, checkpoint, master)
+            if master:
+                print(f"resuming from {cfg.out_dir} at iteration {checkpoint['iter_num']}, "
+                      f"best val loss {float(checkpoint['best_val_loss']):.4f}")
+        else:
+            checkpoint = None  # its optimizer state belongs to another run
+    if cfg.lora_rank > 0 and not resume:  # (a resumed LoRA checkpoint brought its adapters)
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, lora_settings(cfg)['targets'])
+    return model, checkpoint, meta, source
 
 
 def save_checkpoint(checkpoint, path):

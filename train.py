@@ -29,9 +29,9 @@ import torch
 
 from common import (autocast_context, check_ranges, config_defaults, die, load_config, measure_peak_flops,
                     pick_device, pick_dtype)
-from checkpoint import (MODEL_KEYS, check_resume, fit_vocabulary, full_model_state, full_optimizer_state,
-                        load_model, load_optimizer_state, lora_settings, save_checkpoint, shard_model)
-from model import LORA_TARGETS, GPT, GPTConfig, add_lora, lora_state_dict, merge_lora, padded_vocab_size
+from checkpoint import (full_model_state, full_optimizer_state, load_optimizer_state, lora_settings, model_to_train,
+                        save_checkpoint, shard_model)
+from model import LORA_TARGETS, lora_state_dict
 from dataset import Conversations, open_dataset
 from plot import MetricsLog, duration, summary
 from tasks import read_task, run_task
@@ -144,11 +144,6 @@ def batch_rng(seed, *step):
     """The random generator of one batch, a function of (seed, step) alone: same data on 1 or N processes,
     and after a resume."""
     return np.random.default_rng((seed, *step))
-
-
-def model_config(cfg, vocab_size):
-    """The GPTConfig that the run's keys describe."""
-    return GPTConfig(**{key: getattr(cfg, key) for key in MODEL_KEYS + ('dropout',)}, vocab_size=vocab_size)
 
 
 def get_lr(it, cfg):
@@ -298,48 +293,9 @@ def main(argv):
 
     # the model: new (its initialization seeded), the one in out_dir/ckpt.pt, or pretrained weights to fine-tune
     torch.manual_seed(cfg.seed)
-    iter_num, best_val_loss, checkpoint, source = 0, float('inf'), None, 'scratch'
+    model, checkpoint, meta, source = model_to_train(cfg, meta, device, master)
     resume = cfg.init_from == 'resume'
-    if cfg.init_from == 'scratch':
-        # GPT-2's 50257 tokens padded to 50304, a multiple of 64, makes the head's matmul faster
-        model = GPT(model_config(cfg, padded_vocab_size(meta['vocab_size'])))
-    else:
-        model, checkpoint = load_model(cfg.init_from, cfg.out_dir, device, cfg.dropout, cfg.lora_dropout)
-        # where the weights first came from (a LoRA checkpoint's base), kept across resumes; a path made
-        # absolute, so that it still holds from another directory
-        if resume:
-            source = checkpoint.get('init_from', 'scratch')
-        else:
-            source = os.path.abspath(cfg.init_from) if os.path.exists(cfg.init_from) else cfg.init_from
-        if source != 'scratch':  # the model brought its own shape: the saved config says which
-            for key in MODEL_KEYS:
-                if key != 'block_size':
-                    setattr(cfg, key, getattr(model.config, key))
-        if not resume:  # fine-tuning: these weights, at iteration 0, with a fresh optimizer
-            merge_lora(model)
-            if cfg.block_size > model.config.block_size:
-                die(f"{cfg.init_from} has a context of {model.config.block_size} tokens: "
-                    f"use --block_size={model.config.block_size} or less")
-            model.crop_block_size(cfg.block_size)
-        rows = model.config.vocab_size
-        # fine-tuning data may bring special tokens the model lacks (a chat template's): it grows rows for them
-        meta = fit_vocabulary(model, checkpoint, meta, cfg.dataset, 'the checkpoint' if resume else cfg.init_from,
-                              grow=not resume)
-        if model.config.vocab_size > rows and cfg.lora_rank > 0:
-            die(f"dataset '{cfg.dataset}' adds special tokens (a chat template's) that {cfg.init_from} lacks: with "
-                "LoRA their rows would stay frozen, alike, and the model could not tell them apart; fine-tune fully "
-                "(lora_rank=0), or start from a model whose tokenizer has them (a BPE trained by prepare.py)")
-        if model.config.vocab_size > rows and master:
-            print(f"vocabulary grown to {model.config.vocab_size:,} rows for the dataset's special tokens")
-        if resume:
-            iter_num, best_val_loss = checkpoint['iter_num'], float(checkpoint['best_val_loss'])
-            check_resume(cfg, checkpoint, master)
-            if master:
-                print(f"resuming from {cfg.out_dir} at iteration {iter_num}, best val loss {best_val_loss:.4f}")
-        else:
-            checkpoint = None  # its optimizer state belongs to another run
-    if cfg.lora_rank > 0 and not resume:  # (a resumed LoRA checkpoint brought its adapters)
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, lora_settings(cfg)['targets'])
+    iter_num, best_val_loss = (checkpoint['iter_num'], float(checkpoint['best_val_loss'])) if resume else (0, float('inf'))
     model_args = asdict(model.config)
     task_tokenizer = Tokenizer(meta) if tasks else None  # the tokenizer of the data, special tokens included
     model.to(device)
