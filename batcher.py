@@ -164,7 +164,7 @@ class Batcher:
     def busy(self):
         return bool(self.waiting or self.jobs)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # (as generate_stream: the cache's tensors are only ever touched here)
     def step(self):
         self.leave()  # first: the rows of completions that ended last step are free again
         self.admit()
