@@ -142,13 +142,14 @@ def pick_dtype(dtype, device_type):
     if dtype not in ('float32', 'bfloat16', 'float16'):
         die(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
     if dtype == 'float16' and device_type == 'cpu' and not cpu_has_fast_fp16():
-        die("float16 on a CPU is far slower than the other dtypes without AVX512-FP16: use bfloat16 or float32 (or auto)")
+        die("float16 on a CPU without AVX512-FP16 or AVX-NE-CONVERT is far slower than the other dtypes: use bfloat16 "
+            "or float32 (or auto)")
     return dtype
 
 
 def cpu_has_fast_fp16():
-    """Whether oneDNN computes in float16 on this CPU (AVX512-FP16 or AMX-FP16). Without it, on an AMD EPYC, a
-    64-row float16 matmul ran 16x slower than bfloat16 (one row, as in decoding, was as fast: too little to offer
+    """Whether oneDNN takes float16 on this CPU (it needs AVX512-FP16 or AVX-NE-CONVERT). Without it, on an AMD EPYC,
+    a 64-row float16 matmul ran 16x slower than bfloat16 (one row, as in decoding, was as fast: too little to offer
     float16 for prompts or training)."""
     try:
         return torch.ops.mkldnn._is_mkldnn_fp16_supported()

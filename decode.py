@@ -134,23 +134,44 @@ def mv_kernel(layer, x):
 
 def onednn_kernel(layer, x):
     """oneDNN's matmul on layer.packed, the weight reordered once into oneDNN's blocked layout (a copy: the
-    parameter stays as it is, for the state dict and a tied embedding)."""
+    parameter stays as it is, for the state dict and a tied embedding), reordered again if the weight changed."""
+    if layer.packed_from != weight_version(layer):
+        pack([layer])
     return torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, 'none', [], '')
 
 
 KERNELS = {'onednn': onednn_kernel, 'linear': linear_kernel, 'mv': mv_kernel}
 
 
+def weight_version(layer):
+    """Changes whenever the weight does: in place (its version counter) or replaced (its storage, its dtype)."""
+    return layer.weight._version, layer.weight.data_ptr(), layer.weight.dtype
+
+
 def pack(layers):
-    """Give each layer its oneDNN copy of the weight -> None, or why oneDNN can't take these weights here (float16
-    needs AVX512-FP16 or AVX-NE-CONVERT, for one)."""
+    """Give each layer its oneDNN copy of the weight (a second copy of it in memory) -> None, or why oneDNN can't
+    take these weights here (float16 needs AVX512-FP16 or AVX-NE-CONVERT, for one)."""
     try:
         for layer in layers:
-            layer.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 1)  # 1: sized for one row
+            if getattr(layer, 'packed_from', None) != weight_version(layer):
+                layer.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 1)  # 1: sized for a row
+                layer.packed_from = weight_version(layer)
     except (RuntimeError, AttributeError) as e:
-        for layer in layers:
-            layer.__dict__.pop('packed', None)
+        unpack(layers)
         return str(e).splitlines()[0]
+
+
+def unpack(layers):
+    for layer in layers:
+        layer.__dict__.pop('packed', None)
+        layer.__dict__.pop('packed_from', None)
+
+
+def use_kernel(layers, name):
+    """Set the kernel called name on every layer (oneDNN's copies of the weights made, or dropped)."""
+    pack(layers) if name == 'onednn' else unpack(layers)
+    for layer in layers:
+        layer.kernel = KERNELS[name]
 
 
 def best_seconds(run, budget=0.02, at_least=3):
@@ -236,13 +257,7 @@ def prepare(model, quantize='', compile=False, log=lambda line: print(line, file
     layers = [m for m in model.modules() if isinstance(m, nn.Linear) and hasattr(type(m), 'kernel')]
     if not layers:
         return model
-    name = choose_kernel(layers, log)
-    if name == 'onednn' and not hasattr(layers[0], 'packed'):  # chosen for another model of this shape
-        pack(layers)
-    for layer in layers:
-        layer.kernel = KERNELS[name]
-        if name != 'onednn':
-            layer.__dict__.pop('packed', None)
+    use_kernel(layers, choose_kernel(layers, log))
     return model
 
 
@@ -278,7 +293,7 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         cpu = x.device.type == 'cpu'
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16 if cpu else x.dtype)  # (B*T, in)
-        if cpu and rows.size(0) <= INT8_KERNEL_ROWS:
+        if cpu and rows.size(0) <= INT8_KERNEL_ROWS and self.in_features % 16 == 0:  # (other widths: wrong results)
             y = torch._weight_int8pack_mm(rows, self.weight, self.scales)
         else:  # a prompt, or not a CPU: the weight dequantized for this call, then a plain matmul
             y = F.linear(rows, self.weight.to(rows.dtype)) * self.scales.to(rows.dtype)

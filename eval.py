@@ -212,8 +212,6 @@ def main(argv):
     ctx = autocast_context(device.split(':')[0], pick_dtype(cfg.dtype, device.split(':')[0]))
     model, checkpoint = load_model(cfg.init_from, cfg.out_dir, device)
     merge_lora(model)
-    if cfg.quantize == 'int8':
-        quantize_int8(model)
     block_size = cfg.block_size or model.config.block_size
     stride = cfg.stride or block_size
     if not 0 < block_size <= model.config.block_size or not 0 < stride <= block_size:
@@ -221,8 +219,11 @@ def main(argv):
             f"block_size {block_size}")
     meta = checkpoint_meta(checkpoint)
     if cfg.task:
+        model = quantize_int8(model) if cfg.quantize else model
         return task_results(cfg, model, Tokenizer(meta, f"{cfg.init_from}'s tokenizer"), device, ctx)
     name, ids, tokenizer = read_tokens(cfg, checkpoint, model, meta, block_size)
+    if cfg.quantize:  # after read_tokens, which may grow the vocabulary for a chat dataset's special tokens
+        quantize_int8(model)
     if isinstance(ids, Conversations):
         return chat_results(cfg, model, name, ids, tokenizer, device, ctx)
     ids = ids[:cfg.max_tokens or len(ids)]

@@ -87,6 +87,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache=None, layer=0, rope=None):
         B, T, C = x.size()  # batch, sequence length, n_embd
         qkv = self.c_attn(x)
+        dtype = qkv.dtype  # (under autocast, bfloat16 while x is float32)
         if cache is not None and self.cache_dtype is not None:  # (float32 on a CPU whose bfloat16 attention is slower)
             qkv = qkv.to(self.cache_dtype)
         q, k, v = qkv.split(self.n_embd, dim=2)
@@ -103,7 +104,7 @@ class CausalSelfAttention(nn.Module):
             k, v, mask, is_causal = cache.update(layer, k, v)  # (B, nh, positions so far, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.to(x.dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 

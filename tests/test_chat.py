@@ -282,6 +282,11 @@ def test_a_hub_gpt2_grows_for_the_chat_tokens_trains_resumes_and_chats(hub, tmp_
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and 'Traceback' not in out.stderr, out.stderr
     assert len(out.stdout.strip().splitlines()) == 1
+    # eval.py with int8 weights, of the Hub model on the chat data: its rows grown for the chat tokens, then quantized
+    for quantize in ('', 'int8'):
+        scored = run('eval.py', '--init_from=test/tiny-gpt2', '--dataset=sft', f'--quantize={quantize}', '--conversations=4',
+                     '--max_new_tokens=4', '--device=cpu', cwd=tmp_path).stdout
+        assert 'loss' in scored and 'Traceback' not in scored
 
 
 @pytest.mark.parametrize('tied', [True, False])

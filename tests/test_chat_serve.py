@@ -179,12 +179,8 @@ def test_the_server_costs_little_against_sample_loop(chat_server, chat_model, ch
     from model import Linear
     model, checkpoint = load_checkpoint(chat_model)
     model.eval()
-    layers = [m for m in model.modules() if isinstance(m, Linear)]
     kernel = re.search(r'decode kernel: (\w+),', open(chat_server_log).read()).group(1)
-    if kernel == 'onednn':
-        decode.pack(layers)
-    for layer in layers:
-        layer.kernel = decode.KERNELS[kernel]
+    decode.use_kernel([m for m in model.modules() if isinstance(m, Linear)], kernel)
     tok = Tokenizer(checkpoint['meta'])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the server runs (OMP_NUM_THREADS=1 in start_server)
