@@ -103,7 +103,8 @@ def train_speed(cfg, model, device, dtype, use_compile, lora_rank=0, data=None):
 def sample_speed(cfg, model, device, dtype, use_cache, quantize='', compile=False, prepare=True):
     """tokens/s of one sample of sample_tokens new tokens after a 1-token prompt. With the KV cache the model is
     decode.prepare()'d as sample.py does it (int8 weights if quantize, the kernels measured fastest here) unless
-    prepare=False; without it, it is plain nanoGPT generation. -> (tokens/s, the bytes each token reads)"""
+    prepare=False; without it, it is plain nanoGPT generation. -> (tokens/s, the bytes each token reads, the memory's
+    read bandwidth measured right after: a shared machine's speed drifts, so the limit is measured with its run)"""
     model = model.to(device).eval().to(getattr(torch, dtype))
     if use_cache and prepare:
         decode.prepare(model, quantize, compile, log=print)
@@ -115,13 +116,15 @@ def sample_speed(cfg, model, device, dtype, use_cache, quantize='', compile=Fals
         pass
     synchronize(device)
     tok_s = cfg.sample_tokens / (time.perf_counter() - t0)
+    nbytes = bytes_per_token(model)
+    bandwidth = read_bandwidth(nbytes, device) if use_cache and prepare else None
     if cfg.profile and use_cache:  # where a token's time goes (a run of its own: the profiler slows what it watches)
         with torch.profiler.profile() as profiler:
             for _ in model.generate_stream(prompt, cfg.sample_tokens):
                 pass
         print(f"{dtype}{' ' + quantize if quantize else ''}, {cfg.sample_tokens} tokens:\n" +
               profiler.key_averages().table(sort_by='self_cpu_time_total', row_limit=8))
-    return tok_s, bytes_per_token(model)
+    return tok_s, nbytes, bandwidth
 
 
 def bytes_per_token(model):
@@ -266,7 +269,7 @@ def main(argv):
                          f"{dtype} eager, a token stream", stream, f"{dtype} eager, whole conversations",
                          train_speed(cfg, new_model(), device, dtype, False, data=conversations)[0]))
     if cfg.sample_tokens > 0:
-        tok_s, nbytes = sample_speed(cfg, new_model(), device, dtype, use_cache=True)
+        tok_s, nbytes, bandwidth = sample_speed(cfg, new_model(), device, dtype, use_cache=True)
         base_tok_s = sample_speed(cfg, new_model(), device, 'float32', use_cache=False)[0] if cfg.baseline else None
         rows.append((f"sample tokens/s (batch 1, {cfg.sample_tokens} new)", 'float32 full recompute', base_tok_s,
                      f"{dtype} KV cache", tok_s))
@@ -275,18 +278,17 @@ def main(argv):
                      f"{dtype} KV cache, PyTorch's defaults (F.linear, attention in {dtype})", plain,
                      f"{dtype} KV cache, decode.py's measured choices", tok_s))
         # the physical limit of batch-1 decoding: reading every weight once per token; the ratio is the fraction reached
-        bandwidth = read_bandwidth(nbytes, device)
-        print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (a float32 sum over {nbytes / 1e6:.3g} MB)")
-        limit = f"limit: {nbytes / 1e6:.3g} MB read at {bandwidth / 1e9:.1f} GB/s"
-        rows.append(("sample tokens/s against reading every weight once per token", limit, bandwidth / nbytes,
-                     f"{dtype} KV cache", tok_s))
+        samples = [(f"{dtype} KV cache", tok_s, nbytes, bandwidth)]
         if cfg.quantize:
-            q_tok_s, q_bytes = sample_speed(cfg, new_model(), device, dtype, use_cache=True, quantize=cfg.quantize)
+            q_tok_s, q_bytes, q_bandwidth = sample_speed(cfg, new_model(), device, dtype, use_cache=True,
+                                                         quantize=cfg.quantize)
             rows.append((f"sample tokens/s (batch 1, {cfg.sample_tokens} new)", f"{dtype} KV cache", tok_s,
                          f"{cfg.quantize} weights, KV cache", q_tok_s))
+            samples.append((f"{cfg.quantize} weights, KV cache", q_tok_s, q_bytes, q_bandwidth))
+        for name, speed, size, rate in samples:
+            print(f"memory read bandwidth after {name}: {rate / 1e9:.1f} GB/s (a float32 sum over {size / 1e6:.3g} MB)")
             rows.append(("sample tokens/s against reading every weight once per token",
-                         f"limit: {q_bytes / 1e6:.3g} MB read at {bandwidth / 1e9:.1f} GB/s", bandwidth / q_bytes,
-                         f"{cfg.quantize} weights, KV cache", q_tok_s))
+                         f"limit: {size / 1e6:.3g} MB read at {rate / 1e9:.1f} GB/s", rate / size, name, speed))
         if use_compile:  # the decode step compiled (inductor's own kernels) against eager with the measured kernel
             rows.append((f"sample tokens/s (batch 1, {cfg.sample_tokens} new)", f"{dtype} KV cache", tok_s,
                          f"{dtype} KV cache, compiled", sample_speed(cfg, new_model(), device, dtype, True,
