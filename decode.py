@@ -8,7 +8,7 @@ the Linear kernel and the attention dtype chosen by measuring the candidates her
 Batch-1 decoding reads every weight once per token, so its speed is set by how fast a kernel reads weights for
 one row, and that differs between machines: on a Xeon with AMX torch.mv read bfloat16 weights 1.4x faster than
 F.linear; on an AMD EPYC (Zen 5) F.linear was 1.7x faster than torch.mv, and oneDNN's matmul on weights reordered
-once into its own layout 1.5-2x faster than F.linear. So nothing is assumed: prepare() times each kernel on the
+once into its own layout 1.6-2.9x faster than F.linear (bench_decode.py). So nothing is assumed: prepare() times each kernel on the
 model's own weights, and attention for one query in the model's dtype and in float32, once per process (a
 fraction of a second), and says what it chose.
 """
@@ -223,7 +223,7 @@ def attention_seconds(dtype, n_head, head_size, positions):
 
 def choose_cache_dtype(config, dtype, log):
     """float32 for the KV cache and attention over it if that measured faster than dtype (once per process for a
-    model of this shape): on an AMD EPYC, one bfloat16 query over 257 positions took 125 us, float32 19."""
+    model of this shape): on an AMD EPYC, one bfloat16 query over 256 positions took 123-132 us, float32 17-22."""
     key = ('attention', dtype, config.n_head, config.n_embd, config.block_size)
     if key not in _chosen:
         positions = min(256, config.block_size)
@@ -270,7 +270,7 @@ def check_quantize(quantize):
 
 
 # the int8 kernel reads the weights once per row: up to ~20 rows it beat dequantizing them for a bfloat16 matmul, at
-# 128 rows (a prompt) it took 2.3x as long (3072x768, AMD EPYC)
+# 128 rows (a prompt) it took about twice as long (bench_decode.py, 3072x768, AMD EPYC)
 INT8_KERNEL_ROWS = 16
 
 

@@ -36,6 +36,18 @@ def test_bench_quick_mode_prints_its_table(tmp_path):
     assert len(ratios) == 6 and all(float(r) > 0 for r in ratios)
 
 
+def test_bench_decode_prints_its_tables(tmp_path):
+    out = run('bench_decode.py', '--n_layer=1', '--n_embd=64', '--n_head=2', '--vocab_size=128', '--budget=0.01',
+              cwd=tmp_path).stdout
+    kernels = re.findall(r'^\| ([a-zA-Z][^|]*?) \| ([\d.]+) \|', out, re.M)  # (the one-thread rates)
+    names = [name for name, _ in kernels]
+    assert names[0] == 'float32 sum (the memory)' and 'bfloat16 oneDNN' in names and 'int8 x int8 (torch._int_mm)' in names
+    assert names[-2:] == ['bfloat16', 'float32']  # the attention table's rows
+    assert all(float(rate) > 0 for _, rate in kernels)
+    rows = re.findall(r'^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|', out, re.M)
+    assert [r[0] for r in rows] == ['1', '4', '16', '64', '128'] and all(float(v) > 0 for r in rows for v in r[1:])
+
+
 @pytest.mark.skipif(not (gpt2_bpe_available() and os.path.exists(SHAKESPEARE)), reason="needs the BPE files and tiny shakespeare")
 def test_bench_prepare_quick_mode_prints_its_table(tmp_path):
     out = run('bench_prepare.py', '--mb=0.5', f'--source={SHAKESPEARE}', '--workdir=work', cwd=tmp_path).stdout
