@@ -8,9 +8,9 @@ the Linear kernel and the attention dtype chosen by measuring the candidates her
 Batch-1 decoding reads every weight once per token, so its speed is set by how fast a kernel reads weights for
 one row, and that differs between machines: on a Xeon with AMX torch.mv read bfloat16 weights 1.4x faster than
 F.linear; on an AMD EPYC (Zen 5) F.linear was 1.7x faster than torch.mv, and oneDNN's matmul on weights reordered
-once into its own layout 1.6-2.9x faster than F.linear (bench_decode.py). So nothing is assumed: prepare() times each kernel on the
-model's own weights, and attention for one query in the model's dtype and in float32, once per process (a
-fraction of a second), and says what it chose.
+once into its own layout 1.6-2.9x faster than F.linear (bench_decode.py). So nothing is assumed: prepare()
+times each kernel on the model's own weights, and attention for one query in the model's dtype and in float32,
+once per process (a fraction of a second), and says what it chose.
 """
 
 import sys

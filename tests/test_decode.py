@@ -189,7 +189,8 @@ def test_int8_on_widths_the_kernel_cannot_take(width):
 def test_int8_model_against_the_reference_and_bf16(ckpt):
     """A trained tiny model: int8 logits within 0.1 of its dequantized weights written out (test_model's reference,
     float64); against the bfloat16 model's, within 3% of the largest logit (bfloat16's own rounding is 0.4%), the
-    next-token distributions within 0.03 in total variation (measured: 1.2%, 0.017), the same argmax at 90% of positions or more."""
+    next-token distributions within 0.03 in total variation (measured: 1.2%, 0.017), the same argmax at 90% of
+    positions or more."""
     model, _ = load_checkpoint(ckpt)
     model.eval()
     idx = torch.tensor([[CHARS.index(c) for c in 'The quick brown fox jumps over']])
@@ -209,7 +210,8 @@ def test_int8_model_against_the_reference_and_bf16(ckpt):
         bf16_logits = torch.stack([bf16(idx[:, :t])[0][0, -1] for t in range(1, idx.size(1) + 1)]).double()
     difference = (logits - bf16_logits).abs().max() / bf16_logits.abs().max()
     variation = (logits.softmax(-1) - bf16_logits.softmax(-1)).abs().sum(-1).max() / 2
-    print(f"int8 against bfloat16: max logit difference {difference:.2%} of the largest, total variation {variation:.4f}")
+    print(f"int8 against bfloat16: max logit difference {difference:.2%} of the largest, "
+          f"total variation {variation:.4f}")
     assert difference < 0.03 and variation < 0.03
     assert (logits.argmax(-1) == bf16_logits.argmax(-1)).float().mean() >= 0.9
 
