@@ -139,14 +139,8 @@ def read_bandwidth(nbytes, device, repeats=10):
     """Bytes/s at which this machine reads nbytes from memory: the best of repeats sums over a float32 buffer of that
     size (float32: the fastest reduction measured; bfloat16's sum read ~0.6x as fast on an AMD EPYC)."""
     buffer = torch.randn(max(1, nbytes // 4), device=device)
-    best = float('inf')
-    for _ in range(repeats + 1):  # the first pass warms up
-        synchronize(device)
-        t0 = time.perf_counter()
-        buffer.sum()
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return buffer.numel() * 4 / best
+    seconds = decode.best_seconds(lambda: (buffer.sum(), synchronize(device)), budget=0, at_least=repeats)
+    return buffer.numel() * 4 / seconds
 
 
 def serve_speed(cfg, model, dtype, clients):

@@ -15,13 +15,13 @@ decoding reaches the fraction of bench.py's memory limit that it does.
 """
 
 import sys
-import time
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from common import config_defaults, load_config
+from decode import best_seconds, name_of
 
 _names_before_config = set(globals())  # imports and the like: not config keys
 # -----------------------------------------------------------------------------
@@ -32,17 +32,6 @@ vocab_size = 50304
 budget = 0.2  # seconds of timing per figure (the best pass of those that fit, at least 3)
 # -----------------------------------------------------------------------------
 DEFAULTS = config_defaults(globals(), _names_before_config)
-
-
-def seconds(run, budget):
-    """The fastest of repeated runs of run() in budget seconds (at least 3), after one to warm up."""
-    run()
-    best, start, n = float('inf'), time.perf_counter(), 0
-    while n < 3 or time.perf_counter() - start < budget:
-        t0 = time.perf_counter()
-        run()
-        best, n = min(best, time.perf_counter() - t0), n + 1
-    return best
 
 
 def one_row_rates(cfg):
@@ -57,7 +46,7 @@ def one_row_rates(cfg):
     x8 = {n: torch.randint(-127, 128, (1, n), dtype=torch.int8) for n in (C, 4 * C)}
     runs = {}
     for dtype, ws in weights.items():
-        name = str(dtype).removeprefix('torch.')
+        name = name_of(dtype)
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
         runs[f'{name} torch.mv'] = (ws, lambda ws=ws, xs=x[dtype]: [torch.mv(w, xs[w.size(1)][0]) for w in ws])
         runs[f'{name} F.linear'] = (ws, lambda ws=ws, xs=x[dtype]: [F.linear(xs[w.size(1)], w) for w in ws])
@@ -74,9 +63,9 @@ def one_row_rates(cfg):
     rates, threads = {}, torch.get_num_threads()
     for n in sorted({1, threads}):
         torch.set_num_threads(n)
-        rates[('float32 sum (the memory)', n)] = nbytes / seconds(buffer.sum, cfg.budget) / 1e9
+        rates[('float32 sum (the memory)', n)] = nbytes / best_seconds(buffer.sum, cfg.budget) / 1e9
         for what, (ws, run) in runs.items():
-            rates[(what, n)] = sum(w.numel() * w.element_size() for w in ws) / seconds(run, cfg.budget) / 1e9
+            rates[(what, n)] = sum(w.numel() * w.element_size() for w in ws) / best_seconds(run, cfg.budget) / 1e9
     torch.set_num_threads(threads)
     return rates
 
@@ -92,13 +81,12 @@ def by_rows(cfg):
     for rows in (1, 4, 16, 64, 128):
         x = torch.randn(rows, C, dtype=torch.bfloat16)
         x16 = x.half()
-        table[rows] = {
-            'bfloat16 oneDNN': seconds(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, 'none', [], ''),
-                                       cfg.budget / 4),
-            'int8 kernel': seconds(lambda: torch._weight_int8pack_mm(x, w8, s), cfg.budget / 4),
-            'int8 dequantized, then bfloat16': seconds(lambda: F.linear(x, w8.bfloat16()) * s, cfg.budget / 4),
-            'bfloat16 F.linear': seconds(lambda: F.linear(x, w), cfg.budget / 4),
-            'float16 F.linear': seconds(lambda: F.linear(x16, w16), cfg.budget / 4)}
+        runs = {'bfloat16 oneDNN': lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, 'none', [], ''),
+                'int8 kernel': lambda: torch._weight_int8pack_mm(x, w8, s),
+                'int8 dequantized, then bfloat16': lambda: F.linear(x, w8.bfloat16()) * s,
+                'bfloat16 F.linear': lambda: F.linear(x, w),
+                'float16 F.linear': lambda: F.linear(x16, w16)}
+        table[rows] = {what: best_seconds(run, cfg.budget / 4) for what, run in runs.items()}
     return table
 
 
@@ -122,8 +110,8 @@ def main(argv):
     print("\n| attention, one query over 256 positions | us |\n|---|---|")
     for dtype in (torch.bfloat16, torch.float32):
         q, k, v = (torch.randn(1, cfg.n_head, n, head_size, dtype=dtype) for n in (1, 256, 256))
-        print(f"| {str(dtype).removeprefix('torch.')} | "
-              f"{seconds(lambda: F.scaled_dot_product_attention(q, k, v), cfg.budget / 4) * 1e6:.1f} |")
+        print(f"| {name_of(dtype)} | "
+              f"{best_seconds(lambda: F.scaled_dot_product_attention(q, k, v), cfg.budget / 4) * 1e6:.1f} |")
     return rates, table
 
 
